@@ -186,3 +186,7 @@ class PrunedOutputLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, kept={self.keep.numel()}, out_features={self.out_features}"
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+# QuantLinear goes below (register it with @swap so checkpoints can rebuild it from its spec).

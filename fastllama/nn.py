@@ -82,11 +82,17 @@ def top_blocks(score: Tensor, amount: float, block: int) -> Tensor:
     return (kept[:, None] * block + torch.arange(block, device=kept.device)).flatten()
 
 
+def _check_prunable(linear: nn.Module) -> None:
+    if not isinstance(linear, nn.Linear) and not hasattr(linear, "select"):
+        raise ValueError(f"cannot prune a {type(linear).__name__}; valid: nn.Linear or QuantLinear")
+
+
 def select(linear: nn.Module, dim: int, index: Tensor) -> nn.Module:
     """A smaller copy of an `nn.Linear` or `QuantLinear` keeping rows (dim=0) or columns (dim=1) `index`.
 
     The copy of an `nn.Linear` keeps its bias only when columns are selected (rows' biases stay with the caller).
     """
+    _check_prunable(linear)
     if isinstance(linear, nn.Linear):
         weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
         out, inp = weight.shape
@@ -97,12 +103,11 @@ def select(linear: nn.Module, dim: int, index: Tensor) -> nn.Module:
             if keep_bias:
                 new.bias.copy_(linear.bias)
         return new
-    if not hasattr(linear, "select"):
-        raise ValueError(f"cannot prune a {type(linear).__name__}; valid: nn.Linear or QuantLinear")
     return linear.select(dim, index)
 
 
 def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tensor:
+    _check_prunable(linear)
     weight = linear.weight.detach() if isinstance(linear, nn.Linear) else linear.dequantize()
     score = l1_importance(weight, dim) if importance is None else importance.to(weight.device)
     if score.shape != (weight.shape[dim],):

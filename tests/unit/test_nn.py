@@ -1,0 +1,140 @@
+"""The pruned linears against `torch.nn.utils.prune.ln_structured` on a copy (the masked nn.Linear)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+from fastllama.nn import PrunedInputLinear, PrunedOutputLinear, from_spec, to_spec
+
+pytestmark = pytest.mark.unit
+
+SWAPS = {1: PrunedInputLinear, 0: PrunedOutputLinear}  # ln_structured's dim -> the swap that equals it
+# Tolerances per dtype, relative to the output's scale: fp32 differs only by summation order; bf16 by rounding too.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _case(in_f, out_f, bias, dtype, ties, seed):
+    """A linear (integer weights in -2..2 when `ties`, so many channels tie in L1) and its masked copy's maker."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_f, out_f, bias=bias)
+    if ties:
+        with torch.no_grad():
+            linear.weight.copy_(torch.randint(-2, 3, linear.weight.shape, generator=g).float())
+    return linear.to(dtype), g
+
+
+def _masked(linear, amount, dim):
+    ref = copy.deepcopy(linear)
+    prune.ln_structured(ref, "weight", amount, n=1, dim=dim)
+    return ref
+
+
+def _param_bytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+shapes = dict(in_f=st.integers(1, 300), out_f=st.integers(1, 300), batch=st.lists(st.integers(1, 3), max_size=3),
+              amount=st.floats(0, 0.99), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+              ties=st.booleans(), seed=st.integers(0, 2**16), dim=st.sampled_from([0, 1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(**shapes)
+def test_equals_ln_structured(in_f, out_f, batch, amount, bias, dtype, ties, seed, dim):
+    linear, g = _case(in_f, out_f, bias, dtype, ties, seed)
+    n = linear.weight.shape[dim]
+    if n - round(amount * n) < 1:
+        with pytest.raises(ValueError, match="would remove all"):
+            SWAPS[dim].from_linear(linear, amount)
+        return
+    pruned, ref = SWAPS[dim].from_linear(linear, amount), _masked(linear, amount, dim)
+    # the same channels survive, ties included
+    assert pruned.keep.tolist() == ref.weight_mask.any(dim=1 - dim).nonzero().flatten().tolist()
+    x = torch.randn(*batch, in_f, generator=g).to(dtype)
+    with torch.no_grad():
+        y, y_ref = pruned(x), ref(x)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    tol = TOL[dtype] * (1 + y_ref.abs().max().item())
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=TOL[dtype])
+    if dim == 0:  # pruned outputs are exactly the bias, or exactly zero
+        dropped = torch.ones(out_f, dtype=torch.bool)
+        dropped[pruned.keep] = False
+        expect = linear.bias.detach()[dropped] if bias else torch.zeros(int(dropped.sum()), dtype=dtype)
+        assert torch.equal(y[..., dropped], expect.expand_as(y[..., dropped]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(**shapes)
+def test_bytes_shrink_by_the_pruned_fraction(in_f, out_f, batch, amount, bias, dtype, ties, seed, dim):
+    linear, _ = _case(in_f, out_f, bias, dtype, ties, seed)
+    n = linear.weight.shape[dim]
+    if n - round(amount * n) < 1:
+        return
+    pruned = SWAPS[dim].from_linear(linear, amount)
+    w = linear.weight
+    channel = w.numel() // n * w.element_size()
+    bias_bytes = _param_bytes(linear) - w.numel() * w.element_size()
+    expected = (1 - amount) * w.numel() * w.element_size() + bias_bytes
+    assert abs(_param_bytes(pruned) - expected) <= channel
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_flow_like_the_mask(dim, bias):
+    linear, g = _case(40, 24, bias, torch.float32, False, 0)
+    pruned, ref = SWAPS[dim].from_linear(linear, 0.4), _masked(linear, 0.4, dim)
+    x, x_ref = (torch.randn(3, 40, generator=g).requires_grad_() for _ in range(2))
+    x_ref.data.copy_(x.data)
+    pruned(x).square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(pruned.inner.weight.grad, ref.weight_orig.grad.index_select(dim, pruned.keep))
+    if bias:
+        b_grad = pruned.bias.grad if dim == 0 else pruned.inner.bias.grad
+        torch.testing.assert_close(b_grad, ref.bias.grad)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_spec_and_state_dict_round_trip(dim):
+    linear, g = _case(64, 48, True, torch.float32, False, 1)
+    pruned = SWAPS[dim].from_linear(linear, 0.25)
+    rebuilt = from_spec(to_spec(pruned))
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 5, 64, generator=g)
+    assert torch.equal(rebuilt(x), pruned(x))
+    assert f"kept={pruned.keep.numel()}" in repr(pruned) and "in_features=64" in repr(pruned)
+
+
+def test_importance_overrides_l1():
+    linear = nn.Linear(8, 4, bias=False)
+    score = torch.arange(8.0)  # keep the last channels, whatever their norms
+    assert PrunedInputLinear.from_linear(linear, 0.5, importance=score).keep.tolist() == [4, 5, 6, 7]
+    assert PrunedOutputLinear.from_linear(linear, 0.5, importance=-torch.arange(4.0)).keep.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("amount", [-0.1, 1.0, 1.5, float("nan"), "0.1"])
+def test_amount_outside_range_is_rejected(amount):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        PrunedInputLinear.from_linear(nn.Linear(8, 4), amount)
+
+
+def test_amount_that_removes_everything_is_rejected():
+    with pytest.raises(ValueError, match="would remove all 3 channels"):
+        PrunedOutputLinear.from_linear(nn.Linear(8, 3), 0.9)
+
+
+def test_importance_of_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"expected \(8,\)"):
+        PrunedInputLinear.from_linear(nn.Linear(8, 4), 0.5, importance=torch.ones(4))
+
+
+def test_non_linear_is_rejected():
+    with pytest.raises(ValueError, match="cannot prune a Embedding"):
+        PrunedInputLinear.from_linear(nn.Embedding(8, 4), 0.5)

@@ -1,0 +1,228 @@
+"""`fastllama report`: the reference study's tables for any model, from one command.
+
+For each recipe: compress the model (cached under the output folder), then measure decode speed and memory
+(`bench`), RACE accuracy (`evaluate_race`) and perplexity (`perplexity`). Writes `results.json`, `results.md` and
+`pareto.png`. Finished recipes are written to `results.partial.json` as they complete, so an interrupted run
+resumes from them; a completed run re-measures every recipe on the next call but never re-quantizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+REFERENCE_RECIPES = ("bf16", "gptq4", "gptq8", "gptq4-prune-in10", "gptq8-prune-in35")
+
+
+@dataclass
+class ReportConfig:
+    model: str = "smollm2-135m"                     # model spec (see fastllama.models)
+    recipes: tuple[str, ...] = REFERENCE_RECIPES    # recipe names or texts; the first is the base for speedups
+    out: Path = Path("fastllama-report")           # output folder: results, plot, cached compressed models
+    data: str | None = None                         # RACE data (None: the hub if reachable, else the shipped sample)
+    limit: int | None = None                        # RACE questions (a fixed seeded subset); None: all
+    device: str | None = None                       # None: cuda when available, else cpu
+    calib: str | None = None                        # calibration text file/folder (None: C4, else model samples)
+    nsamples: int = 32                              # calibration sequences
+    seqlen: int = 256                               # calibration sequence length
+    prompt_len: int = 128                           # bench prompt tokens
+    new_tokens: int = 64                            # bench new tokens
+    floor: float = 0.50                             # accuracy floor drawn on the plot
+    force: bool = False                             # rebuild cached models, drop partial results, allow another model's folder
+
+
+@dataclass
+class Row:
+    recipe: str
+    tpot_ms: float | None = None          # median decode time per token
+    tokens_per_s: float | None = None
+    ttft_ms: float | None = None
+    peak_mem_gb: float | None = None      # GPU: max allocated; CPU: peak RSS
+    model_gb: float | None = None
+    race_acc: float | None = None
+    race_ci: tuple[float, float] | None = None
+    race_n: int | None = None
+    ppl: float | None = None
+    speedup: float | None = None          # tokens/s over the first recipe's
+    extra: dict = field(default_factory=dict)  # every other metric bench and compress reported
+
+
+# ---------------------------------------------------------------- writers
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def to_markdown(rows: list[Row], meta: dict) -> str:
+    """The results table: the reference study's columns plus perplexity, model size and speedup."""
+    lines = [f"# fastllama report: {meta.get('model', '?')} on {meta.get('device_name', '?')}", "",
+             "| recipe | median latency (ms/token) | tokens/s | peak memory (GB) | RACE acc (95% CI) | perplexity "
+             "| model size (GB) | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "—" if r.race_acc is None else (
+            f"{r.race_acc:.1%} ({r.race_ci[0]:.1%}–{r.race_ci[1]:.1%}, n={r.race_n})" if r.race_ci else f"{r.race_acc:.1%}")
+        lines.append(f"| {r.recipe} | {_fmt(r.tpot_ms, '.2f')} | {_fmt(r.tokens_per_s, '.1f')} | "
+                     f"{_fmt(r.peak_mem_gb, '.3f')} | {acc} | {_fmt(r.ppl, '.2f')} | {_fmt(r.model_gb, '.3f')} | "
+                     f"{_fmt(r.speedup, '.2f')}{'' if r.speedup is None else '×'} |")
+    notes = meta.get("notes") or []
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def write_results(out: Path, rows: list[Row], meta: dict, name: str = "results.json") -> Path:
+    """Write {meta, rows} as JSON atomically (a crash never leaves half a file)."""
+    path = out / name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Rows back from a results JSON written by `write_results`."""
+    rows = []
+    for d in json.loads(path.read_text())["rows"]:
+        d["race_ci"] = tuple(d["race_ci"]) if d.get("race_ci") else None
+        rows.append(Row(**d))
+    return rows
+
+
+def plot_pareto(rows: list[Row], path: Path, floor: float, title: str = "") -> Path:
+    """Accuracy against tokens/s and against peak memory, the floor drawn in, the Pareto-optimal recipes joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label, better_high in ((axes[0], "tokens_per_s", "decode tokens/s (higher is better)", True),
+                                        (axes[1], "peak_mem_gb", "peak memory, GB (lower is better)", False)):
+        pts = [(getattr(r, key), r.race_acc, r.recipe) for r in rows if getattr(r, key) is not None and r.race_acc is not None]
+        for x, y, name in pts:
+            ax.scatter(x, y, s=40)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        front = _pareto_front(pts, better_high)
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
+        ax.axhline(floor, color="red", lw=1, label=f"accuracy floor {floor:.0%}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("RACE accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pareto_front(pts: list[tuple[float, float, str]], better_high: bool) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both axes (x better and accuracy higher), sorted by x."""
+    def dominated(p):
+        return any((q[0] >= p[0] if better_high else q[0] <= p[0]) and q[1] >= p[1] and q[:2] != p[:2] for q in pts)
+    return sorted((p for p in pts if not dominated(p)), key=lambda p: p[0])
+
+
+# ---------------------------------------------------------------- the run
+def _meta(cfg: ReportConfig, device: str) -> dict:
+    import transformers
+
+    from . import __version__
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {"model": cfg.model, "recipes": list(cfg.recipes), "device": device, "device_name": name,
+            "cpu_count": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "fastllama": __version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "notes": []}
+
+
+def _slug(recipe: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe)
+
+
+def _check_folder(cfg: ReportConfig) -> None:
+    """Refuse an output folder that holds another model's cache, unless forced."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    owner = cfg.out / "model.txt"
+    if owner.exists() and owner.read_text().strip() != cfg.model and not cfg.force:
+        raise ValueError(f"{cfg.out} holds results and cached models of {owner.read_text().strip()!r}, not "
+                         f"{cfg.model!r}; pass another --out, or --force to overwrite it")
+    owner.write_text(cfg.model + "\n")
+
+
+def _compressed(cfg: ReportConfig, name: str, recipe, base, tok, calib):
+    """The compressed model of `recipe`: from the cache under the output folder, or built and cached."""
+    from .checkpoint import load, save
+    from .recipes import compress
+
+    cache = cfg.out / "models" / _slug(name)
+    if (cache / "fastllama.json").is_file() and not cfg.force:
+        log.info("%s: cached model %s", recipe, cache)
+        return load(cache, device=str(next(base.parameters()).device))[0], 0.0
+    t0 = time.perf_counter()
+    model = compress(copy.deepcopy(base), recipe, calib=calib, tokenizer=tok)
+    seconds = time.perf_counter() - t0
+    save(model, cache, tokenizer=tok, recipe=name)
+    return model, seconds
+
+
+def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
+    """Measure every recipe of `cfg` on its model; write results.json, results.md and pareto.png under cfg.out."""
+    from .bench import bench
+    from .data import calibration, load_race
+    from .evaluate import evaluate_race, perplexity
+    from .models import load_model
+    from .recipes import parse_recipe
+
+    recipes = [parse_recipe(r) for r in cfg.recipes]  # every recipe is checked before any work starts
+    _check_folder(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = _meta(cfg, device)
+    partial = cfg.out / "results.partial.json"
+    done = {} if cfg.force or not partial.exists() else {r.recipe: r for r in read_rows(partial)}
+    if done:
+        log.info("resuming: %d finished recipe(s) from %s", len(done), partial)
+
+    base, tok = load_model(cfg.model, device=device)
+    race = load_race(cfg.data, limit=cfg.limit) if tok is not None else None
+    text = (Path(__file__).parent / "data" / "ppl.txt").read_text()
+    calib = None
+    if tok is None:
+        meta["notes"].append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
+    rows: list[Row] = []
+    for name, recipe in zip(cfg.recipes, tqdm(recipes, desc="recipes", unit="recipe")):
+        if name in done:
+            rows.append(done[name])
+            continue
+        if calib is None and recipe.needs_calibration:
+            calib = calibration(tok, source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, model=base)
+        model, seconds = _compressed(cfg, name, recipe, base, tok, calib)
+        m = bench(model, tok, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens)
+        row = Row(name, tpot_ms=m["tpot_ms"], tokens_per_s=m["tokens_per_s"], ttft_ms=m["ttft_ms"],
+                  peak_mem_gb=m["peak_mem_gb"] if device.startswith("cuda") else m["peak_rss_gb"],
+                  model_gb=m["model_gb"], extra={**m, "compress_s": seconds})
+        if tok is not None:
+            r = evaluate_race(model, tok, data=race)
+            row.race_acc, row.race_ci, row.race_n = r.acc, (r.ci_low, r.ci_high), r.n
+            row.ppl = perplexity(model, tok, text)
+        rows.append(row)
+        write_results(cfg.out, rows, meta, name=partial.name)
+        del model
+
+    base_tps = rows[0].tokens_per_s
+    for r in rows:
+        r.speedup = None if not (base_tps and r.tokens_per_s) else r.tokens_per_s / base_tps
+    write_results(cfg.out, rows, meta)
+    (cfg.out / "results.md").write_text(to_markdown(rows, meta))
+    plot_pareto(rows, cfg.out / "pareto.png", cfg.floor, title=f"{cfg.model} on {meta['device_name']}")
+    partial.unlink(missing_ok=True)
+    return rows, meta

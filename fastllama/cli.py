@@ -63,8 +63,79 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
+# ---------------------------------------------------------------- report / search
+def _add_report(sub) -> None:
+    from .report import REFERENCE_RECIPES
+
+    p = sub.add_parser("report", help="compress, benchmark and evaluate a model over recipes; write tables and a plot")
+    _model_args(p)
+    p.add_argument("--recipes", default=",".join(REFERENCE_RECIPES),
+                   help=f"comma-separated recipe names or texts; the first is the base (default: {','.join(REFERENCE_RECIPES)})")
+    p.add_argument("--data", default=None, help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
+    p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
+    p.add_argument("--calib", default=None, help="calibration text file or folder (default: C4 if reachable, else model samples)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode tokens per bench run (default 64)")
+    p.add_argument("--floor", type=float, default=0.50, help="accuracy floor drawn on the plot (default 0.50)")
+    p.add_argument("--out", default="fastllama-report", help="output folder (default fastllama-report)")
+    p.add_argument("--force", action="store_true", help="rebuild cached models and overwrite another model's folder")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .report import ReportConfig, run_report, to_markdown
+
+    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
+                       device=args.device, calib=args.calib, nsamples=args.nsamples, new_tokens=args.new_tokens,
+                       floor=args.floor, force=args.force)
+    rows, meta = run_report(cfg)
+    print(to_markdown(rows, meta))
+    print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'results.md'}, {cfg.out / 'pareto.png'}")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="the largest pruning amount whose RACE accuracy stays at or above a floor")
+    _model_args(p)
+    p.add_argument("--quant", default="none", help="parent quantization: none, gptq4, gptq8, or a comma-separated list")
+    p.add_argument("--dim", default="input", help="input, output, mlp, heads, or a comma-separated list")
+    p.add_argument("--importance", default="l1", choices=["l1", "act"], help="channel importance (default l1)")
+    floor = p.add_mutually_exclusive_group()
+    floor.add_argument("--floor", type=float, default=0.50, help="absolute accuracy floor (default 0.50)")
+    floor.add_argument("--floor-relative", type=float, default=None, help="floor as a share of the parent's accuracy, e.g. 0.9")
+    p.add_argument("--data", default=None, help="RACE data (default: the hub if reachable, else the shipped sample)")
+    p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
+    p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance on the amount (default 0.01)")
+    p.add_argument("--json", default="search.json", help="where to save the table as JSON (default search.json)")
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    import copy
+    import json
+
+    from .data import calibration, load_race
+    from .search import search_pruning, search_table
+
+    model, tok = _load(args)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer: RACE accuracy needs a real model")
+    race = load_race(args.data, limit=args.limit)
+    calib = calibration(tok, model=model)
+    results = [search_pruning(copy.deepcopy(model), tok, quant=q.strip(), dim=d.strip(), floor=args.floor,
+                              floor_relative=args.floor_relative, importance=args.importance, race=race,
+                              calib=calib, tol=args.tol)
+               for q in args.quant.split(",") for d in args.dim.split(",")]
+    with open(args.json, "w") as f:
+        json.dump([r.to_dict() for r in results], f, indent=2)
+    print(search_table(results))
+    print(f"wrote {args.json}")
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate]
+COMMANDS = [_add_generate, _add_report, _add_search]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -134,6 +133,7 @@ def _pareto_front(pts: list[tuple[float, float, str]], better_high: bool) -> lis
 
 # ---------------------------------------------------------------- the run
 def _meta(cfg: ReportConfig, device: str) -> dict:
+    import torch
     import transformers
 
     from . import __version__
@@ -177,6 +177,8 @@ def _compressed(cfg: ReportConfig, name: str, recipe, base, tok, calib):
 
 def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     """Measure every recipe of `cfg` on its model; write results.json, results.md and pareto.png under cfg.out."""
+    import torch
+
     from .bench import bench
     from .data import calibration, load_race
     from .evaluate import evaluate_race, perplexity

@@ -74,11 +74,10 @@ def top_channels(score: Tensor, keep: int) -> Tensor:
     return torch.topk(score, k=keep, largest=True).indices.sort().values.to(torch.int64)
 
 
-def top_blocks(score: Tensor, amount: float, block: int) -> Tensor:
-    """Channel indices that keep whole blocks of `block` channels: a block scores the sum of its channels'
-    scores, and `n_blocks - round(amount * n_blocks)` blocks survive. With block == 1 this is `top_channels`."""
-    blocks = score.numel() // block
-    kept = top_channels(score.reshape(blocks, block).sum(1), n_keep(blocks, amount))
+def top_blocks(score: Tensor, keep: int, block: int) -> Tensor:
+    """Channel indices of the `keep` best whole blocks of `block` consecutive channels, a block scoring the sum
+    of its channels' scores. With block == 1 this is `top_channels`."""
+    kept = top_channels(score.reshape(-1, block).sum(1), keep)
     return (kept[:, None] * block + torch.arange(block, device=kept.device)).flatten()
 
 
@@ -90,18 +89,18 @@ def _check_prunable(linear: nn.Module) -> None:
 def select(linear: nn.Module, dim: int, index: Tensor) -> nn.Module:
     """A smaller copy of an `nn.Linear` or `QuantLinear` keeping rows (dim=0) or columns (dim=1) `index`.
 
-    The copy of an `nn.Linear` keeps its bias only when columns are selected (rows' biases stay with the caller).
+    The bias follows the rows: selecting rows keeps `bias[index]`, selecting columns keeps the whole bias.
     """
     _check_prunable(linear)
     if isinstance(linear, nn.Linear):
-        weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
-        out, inp = weight.shape
-        keep_bias = dim == 1 and linear.bias is not None
-        new = nn.Linear(inp, out, bias=keep_bias, device=weight.device, dtype=weight.dtype)
+        index = index.to(linear.weight.device)
+        weight = linear.weight.detach().index_select(dim, index)
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device,
+                        dtype=weight.dtype)
         with torch.no_grad():
             new.weight.copy_(weight)
-            if keep_bias:
-                new.bias.copy_(linear.bias)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach().index_select(0, index))
         return new
     return linear.select(dim, index)
 
@@ -121,7 +120,8 @@ class PrunedInputLinear(nn.Module):
     """`y = x[..., keep] @ W[:, keep].T + b`: a linear that keeps only some input channels.
 
     Equals `ln_structured(linear, "weight", amount, n=1, dim=1)` up to float rounding, holding only the kept
-    columns. A `QuantLinear` stays quantized: whole `in_granularity` blocks of columns are kept (see `top_blocks`).
+    columns. A `QuantLinear` stays quantized: it keeps `n - round(amount * n)` of its n `in_granularity` blocks
+    of columns, those with the largest summed importance (see `top_blocks`).
     """
 
     def __init__(self, inner: nn.Module, keep: Tensor, in_features: int):
@@ -134,8 +134,9 @@ class PrunedInputLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, amount: float, importance: Tensor | None = None) -> PrunedInputLinear:
         """Prune `amount` of the input channels of `linear` with the lowest `importance` (default: L1 norm)."""
         score = _importance(linear, 1, importance)
-        block = getattr(linear, "in_granularity", 1)
-        keep = top_blocks(score, amount, block)
+        block = getattr(linear, "in_granularity", 1)  # a QuantLinear keeps whole groups of columns
+        what = "input channels" if block == 1 else f"blocks of {block} input channels"
+        keep = top_blocks(score, n_keep(score.numel() // block, amount, what), block)
         return cls(select(linear, 1, keep), keep, linear.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,8 +172,10 @@ class PrunedOutputLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, amount: float, importance: Tensor | None = None) -> PrunedOutputLinear:
         """Prune `amount` of the output channels of `linear` with the lowest `importance` (default: L1 norm)."""
         score = _importance(linear, 0, importance)
-        keep = top_channels(score, n_keep(linear.out_features, amount))
-        return cls(select(linear, 0, keep), keep, linear.out_features, getattr(linear, "bias", None))
+        keep = top_channels(score, n_keep(linear.out_features, amount, "output channels"))
+        inner = select(linear, 0, keep)
+        inner.bias = None  # the full-width bias lives here: pruned outputs equal it
+        return cls(inner, keep, linear.out_features, getattr(linear, "bias", None))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x)
@@ -195,3 +198,242 @@ class PrunedOutputLinear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ quantization
 # QuantLinear goes below (register it with @swap so checkpoints can rebuild it from its spec).
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernels take
+SCALE_DTYPE = torch.bfloat16  # the kernels' scale/zero dtype; activations are cast to it around the call
+
+
+def check_quant_config(bits: int, group_size: int) -> None:
+    """ValueError unless `bits` is 4 or 8 and, for 4 bits, `group_size` is one the int4 kernels take."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits!r} is not supported; valid: 4 (int4 kernel, groups) or 8 (int8 kernel, "
+                         "one scale per output channel)")
+    if bits == 4 and group_size not in INT4_GROUPS:
+        raise ValueError(f"group_size={group_size!r} cannot be taken by the int4 kernel; valid: "
+                         f"{', '.join(map(str, INT4_GROUPS))}")
+
+
+def check_quant_shape(in_features: int, out_features: int, bits: int, group_size: int) -> None:
+    """ValueError unless PyTorch's int4/int8 weight-only kernels can take a layer of this shape."""
+    if bits == 8:
+        check_quant_config(bits, group_size)
+        if in_features % 16:
+            raise ValueError(f"the int8 kernel needs in_features divisible by 16, got {in_features}; "
+                             "prune input channels in multiples of 16")
+        return
+    check_quant_config(bits, group_size)
+    if in_features % group_size:
+        fits = [g for g in INT4_GROUPS if in_features % g == 0]
+        raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}; "
+                         f"valid for this layer: {', '.join(map(str, fits)) or 'none (needs a multiple of 32)'}")
+    if out_features % 16:
+        raise ValueError(f"the int4 kernel needs out_features divisible by 16, got {out_features}; "
+                         "prune output channels in multiples of 16")
+
+
+def int4_group_for(in_features: int, group_size: int) -> int:
+    """The largest int4 kernel group size <= `group_size` that divides `in_features` (ValueError if none)."""
+    fits = [g for g in INT4_GROUPS if g <= group_size and in_features % g == 0]
+    if not fits:
+        raise ValueError(f"no int4 group size <= {group_size} divides in_features={in_features}; "
+                         f"valid group sizes: {', '.join(map(str, INT4_GROUPS))}, and in_features must be a "
+                         "multiple of 32")
+    return fits[-1]
+
+
+def quant_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
+    """The min-max grid of each row of `w` [..., g]: (scale, zero) [...], rounded to the kernels' bfloat16.
+
+    4-bit is asymmetric, Ŵ = (q - 8)·scale + zero with q in 0..15 (zero is the value at q = 8, as the int4
+    kernels store it); 8-bit is symmetric, Ŵ = q·scale with q in -128..127, and zero is None.
+    """
+    if bits == 4:
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-8).to(SCALE_DTYPE).float()
+        return scale, (lo + 8 * scale).to(SCALE_DTYPE).float()
+    return (w.abs().amax(-1) / 127).clamp_min(1e-8).to(SCALE_DTYPE).float(), None
+
+
+def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+    """The integer values of `w` on the grid (scale, zero) broadcast against it (4-bit when zero is given)."""
+    if zero is None:
+        return torch.round(w / scale).clamp_(-128, 127)
+    return (torch.round((w - zero) / scale) + 8).clamp_(0, 15)
+
+
+def dequantize_values(q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+    """Ŵ from integer values `q` and the grid (scale, zero) broadcast against them."""
+    return q * scale if zero is None else (q - 8) * scale + zero
+
+
+def _int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+def _int4_pack(q: Tensor) -> Tensor:
+    """Integer values [out, in] in 0..15 packed for the int4 kernel of their device."""
+    if q.device.type == "cuda":  # nibble pairs, then tinygemm tiles: inner_k_tiles as large as in_features allows
+        tiles = next(t for t in (8, 4, 2) if q.shape[1] % (t * 16) == 0)
+        q = q.to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(q[:, ::2] << 4 | q[:, 1::2], tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+@swap
+class QuantLinear(nn.Module):
+    """`y = x @ Ŵ.T + b` on PyTorch's weight-only int4/int8 kernels, holding only integers and scales.
+
+    4-bit: groups of `group_size` input channels, Ŵ = (q - 8)·scale + zero, q in 0..15: the layout of
+    `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 8-bit: one scale per output channel,
+    Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm`). Scales and zeros are bfloat16, as the kernels take them;
+    activations are cast to bfloat16 around the kernel (its fast path on CPU) and the output back.
+
+    The buffers are packed for the kernel of their device. `state_dict()` holds the portable form instead
+    (`qweight`: the integer values, nibble pairs for 4-bit; `scales`; `zeros`; `bias`), `load_state_dict` packs
+    it for the module's device, and `.to(device)` repacks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 bias: bool = False, device: str | torch.device | None = None):
+        super().__init__()
+        group_size = in_features if bits == 8 else group_size
+        check_quant_shape(in_features, out_features, bits, group_size)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.in_granularity = group_size if bits == 4 else 1  # the column block that input pruning keeps whole
+        groups = in_features // group_size
+        zeros = torch.zeros(out_features, groups, device=device) if bits == 4 else None
+        self.set_values(torch.zeros(out_features, in_features, dtype=torch.int32, device=device),
+                        torch.ones(out_features, groups, device=device), zeros,
+                        torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128) -> QuantLinear:
+        """Round-to-nearest quantization of `linear` (min-max grids, see `quant_grid`)."""
+        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                     linear.weight.device)
+        w = linear.weight.detach().float().reshape(linear.out_features, -1, module.group_size)
+        scale, zero = quant_grid(w, bits)
+        q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None])
+        module.set_values(q.flatten(1), scale, zero, linear.bias)
+        return module
+
+    def set_values(self, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> None:
+        """Pack integer values q [out, in], scales and zeros [out, in/group_size] (zeros None for 8-bit) for the
+        kernel of q's device."""
+        if self.bits == 4:
+            self.register_buffer("packed", _int4_pack(q.int()), persistent=False)
+            sz = torch.stack([scales, zeros], -1).transpose(0, 1).to(SCALE_DTYPE).contiguous()  # [groups, out, 2]
+            self.register_buffer("scales_and_zeros", sz, persistent=False)
+        else:
+            self.register_buffer("packed", q.to(torch.int8).contiguous(), persistent=False)
+            self.register_buffer("scales", scales.reshape(-1).to(SCALE_DTYPE).contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().to(q.device), persistent=False)
+
+    def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
+        for 8-bit). 4-bit values are read back through the kernel itself, so any device's packing works."""
+        if self.bits == 8:
+            return self.packed.int(), self.scales.float()[:, None], None
+        groups = self.in_features // self.group_size
+        unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device).expand(groups, self.out_features, 2)
+        eye = torch.eye(self.in_features, dtype=SCALE_DTYPE, device=self.packed.device)
+        q = torch.cat([_int4_mm(rows, self.packed, self.group_size, unit.contiguous())
+                       for rows in eye.split(1024)])  # [in, out]: (q - 8)·1 + 8 = q, exact in bfloat16
+        sz = self.scales_and_zeros.float()
+        return q.T.round().int(), sz[..., 0].T, sz[..., 1].T
+
+    def dequantize(self) -> Tensor:
+        """Ŵ [out, in] in float32: the weight the kernel computes with."""
+        q, scales, zeros = self.values()
+        expand = lambda t: None if t is None else t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
+        return dequantize_values(q.float(), expand(scales), expand(zeros))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)
+        if self.bits == 4:
+            y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def select(self, dim: int, index: Tensor) -> QuantLinear:
+        """A smaller QuantLinear keeping rows (dim=0, with their bias) or columns (dim=1) `index`, still
+        quantized with the same values. Columns must come in whole groups (`in_granularity`), else ValueError."""
+        q, scales, zeros = self.values()
+        index = index.to(q.device, torch.int64)
+        bias = self.bias
+        if dim == 0:
+            scales, zeros = scales[index], None if zeros is None else zeros[index]
+            bias = None if bias is None else bias[index]
+        elif self.bits == 4:
+            blocks = index.reshape(-1, self.group_size)
+            starts = blocks[:, :1]
+            if index.numel() % self.group_size or (starts % self.group_size).any() or not torch.equal(
+                    blocks, starts + torch.arange(self.group_size, device=q.device)):
+                raise ValueError(f"4-bit columns can only be selected in whole groups of {self.group_size} "
+                                 "(see in_granularity); pass whole, aligned groups")
+            groups = starts.flatten() // self.group_size
+            scales, zeros = scales[:, groups], zeros[:, groups]
+        q = q.index_select(dim, index)
+        module = QuantLinear(q.shape[1], q.shape[0], self.bits, self.group_size, bias is not None, q.device)
+        module.set_values(q, scales, zeros, bias)
+        return module
+
+    def spec(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> QuantLinear:
+        return cls(**spec)
+
+    def portable(self) -> dict[str, Tensor]:
+        """The device-independent form saved in checkpoints: qweight, scales, zeros (4-bit), bias (if any)."""
+        q, scales, zeros = self.values()
+        out = {"scales": scales.to(SCALE_DTYPE)}
+        if self.bits == 4:
+            q = q.to(torch.uint8)
+            out |= {"qweight": q[:, ::2] | q[:, 1::2] << 4, "zeros": zeros.to(SCALE_DTYPE)}
+        else:
+            out["qweight"] = q.to(torch.int8)
+        return out if self.bias is None else out | {"bias": self.bias}
+
+    def _set_portable(self, tensors: dict[str, Tensor], device: torch.device) -> None:
+        q = tensors["qweight"].to(device)
+        if self.bits == 4:
+            q = torch.stack([q & 15, q >> 4], -1).flatten(1)
+        zeros = tensors["zeros"].to(device).float() if self.bits == 4 else None
+        self.set_values(q.int(), tensors["scales"].to(device).float(), zeros,
+                        tensors["bias"].to(device) if "bias" in tensors else None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination.update({prefix + k: v for k, v in self.portable().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = {k: v.shape for k, v in self.portable().items()}
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing_keys.extend(prefix + k for k in expected if k not in mine)
+        unexpected_keys.extend(prefix + k for k in mine if k not in expected)
+        bad = [f"size mismatch for {prefix}{k}: the checkpoint has {tuple(mine[k].shape)}, the module expects "
+               f"{tuple(shape)}" for k, shape in expected.items() if k in mine and mine[k].shape != shape]
+        error_msgs.extend(bad)
+        if not bad and expected.keys() <= mine.keys():
+            self._set_portable(mine, self.packed.device)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`...: the bias follows `fn`; the integers and bfloat16 scales only follow
+        a change of device, repacked for the new device's kernel."""
+        device = fn(torch.empty(0, device=self.packed.device)).device
+        if device != self.packed.device:
+            self._set_portable(self.portable(), device)
+        if self.bias is not None:
+            self.bias = fn(self.bias)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -126,7 +126,7 @@ def test_amount_outside_range_is_rejected(amount):
 
 
 def test_amount_that_removes_everything_is_rejected():
-    with pytest.raises(ValueError, match="would remove all 3 channels"):
+    with pytest.raises(ValueError, match="would remove all 3 output channels"):
         PrunedOutputLinear.from_linear(nn.Linear(8, 3), 0.9)
 
 

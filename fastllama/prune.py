@@ -1,0 +1,162 @@
+"""Structured pruning of a Llama decoder: per-linear (input or output channels) and coupled (MLP channels, heads).
+
+- `dim="input"` / `"output"` swap each target linear for a `PrunedInputLinear` / `PrunedOutputLinear` that
+  holds only the kept weights (the reference study's semantics; see fastllama.nn).
+- `dim="mlp"` removes the same intermediate channels from gate and up (rows) and down (columns), and
+  `dim="heads"` removes whole KV groups (a k/v head and the q heads that share it) from q, k, v (rows) and
+  o (columns). The linears are simply smaller `nn.Linear`s: nothing is gathered or scattered, the matmuls
+  shrink and the config is updated, so transformers' forward, `generate` and checkpoints just work.
+
+Importance of a channel:
+- `l1`: the L1 norm of its weights (for coupled pruning, summed over every weight the channel owns).
+- `act`: Wanda-style, |W| times the L2 norm of the input activation it multiplies, gathered with forward
+  hooks over `calib` token ids: input channel j scores ||W[:, j]||_1 * ||X_j||, output row i scores
+  sum_j |W_ij| * ||X_j||; an MLP channel scores its down_proj column that way, a KV group its o_proj columns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .nn import PrunedInputLinear, PrunedOutputLinear, check_amount, n_keep, select, top_blocks, top_channels
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the decoder's linears
+DIMS = ("input", "output", "mlp", "heads")
+IMPORTANCE = ("l1", "act")
+MLP_MULTIPLE = 64  # kept MLP channels are rounded to a multiple of this (when the width is one) for fast kernels
+
+
+def _weight(linear: nn.Module) -> Tensor:
+    return linear.weight.detach() if isinstance(linear, nn.Linear) else linear.dequantize()
+
+
+def _prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or hasattr(module, "dequantize")
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, calib: Tensor, names: list[str], batch_size: int = 8) -> dict[str, Tensor]:
+    """The L2 norm over all calibration tokens of each input channel of the named linears: {name: [in_features]}."""
+    modules = dict(model.named_modules())
+    sq: dict[str, Tensor] = {}
+
+    def hook(name):
+        def accumulate(_module, args):
+            x = args[0].detach().float().flatten(0, -2)
+            sq[name] = sq.get(name, 0) + x.square().sum(0)
+        return accumulate
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(calib.split(batch_size), desc="activations", leave=False):
+            model(batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: v.sqrt() for n, v in sq.items()}
+
+
+def _score(weight: Tensor, dim: int, norm: Tensor | None) -> Tensor:
+    """Per-channel importance of a [out, in] weight along `dim` (1: input columns, 0: output rows)."""
+    w = weight.abs().float() if norm is None else weight.abs().float() * norm.to(weight.device)
+    return w.sum(1 - dim)
+
+
+# ------------------------------------------------------------------------------------------ per-linear
+def _prune_linears(model: nn.Module, amount: float, dim: str, norms: dict[str, Tensor] | None,
+                   names: list[str]) -> None:
+    swap = PrunedInputLinear if dim == "input" else PrunedOutputLinear
+    axis = 1 if dim == "input" else 0
+    modules = dict(model.named_modules())
+    for name in tqdm(names, desc=f"prune {dim}", leave=False):
+        linear = modules[name]
+        importance = None if norms is None else _score(_weight(linear), axis, norms[name])
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, swap.from_linear(linear, amount, importance))
+
+
+# ------------------------------------------------------------------------------------------ coupled
+def mlp_keep_count(width: int, amount: float) -> int:
+    """Kept MLP channels: `width - round(amount * width)`, rounded to the nearest multiple of MLP_MULTIPLE
+    (at least one multiple) when `width` is a multiple of it; else unrounded."""
+    keep = n_keep(width, amount, "MLP channels")
+    if width % MLP_MULTIPLE == 0:
+        keep = max(MLP_MULTIPLE, round(keep / MLP_MULTIPLE) * MLP_MULTIPLE)
+    return keep
+
+
+def _prune_mlp(mlp: nn.Module, amount: float, norm: Tensor | None) -> int:
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    score = _score(_weight(down), 1, norm)
+    if norm is None:
+        score = score + _score(_weight(gate), 0, None) + _score(_weight(up), 0, None)
+    block = getattr(down, "in_granularity", 1)  # a quantized down_proj keeps whole groups of columns
+    keep = top_blocks(score, max(1, mlp_keep_count(score.numel(), amount) // block), block)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = select(gate, 0, keep), select(up, 0, keep), select(down, 1, keep)
+    mlp.intermediate_size = keep.numel()
+    return keep.numel()
+
+
+def _prune_heads(attn: nn.Module, amount: float, norm: Tensor | None, n_kv: int, head_dim: int) -> int:
+    rep = attn.q_proj.out_features // head_dim // n_kv  # q heads per KV head
+    score = _score(_weight(attn.o_proj), 1, norm).view(n_kv, -1).sum(1)
+    if norm is None:
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            score = score + _score(_weight(proj), 0, None).view(n_kv, -1).sum(1)
+    groups = top_channels(score, n_keep(n_kv, amount, "KV head groups"))
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim)).flatten()
+    attn.q_proj, attn.o_proj = select(attn.q_proj, 0, q_rows), select(attn.o_proj, 1, q_rows)
+    attn.k_proj, attn.v_proj = select(attn.k_proj, 0, kv_rows), select(attn.v_proj, 0, kv_rows)
+    return groups.numel()
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def prune_model(model: nn.Module, amount: float, dim: str = "input", importance: str = "l1",
+                calib: Tensor | None = None, targets: list[str] | tuple[str, ...] | None = None) -> nn.Module:
+    """Prune `amount` of the channels of `model` in place and return it.
+
+    dim: "input" / "output" (each target linear, see fastllama.nn), "mlp" (coupled intermediate channels) or
+    "heads" (coupled KV groups). importance: "l1" or "act" (needs `calib`, LongTensor token ids [n, seqlen]).
+    targets: leaf names of the linears for "input"/"output" (default TARGETS; add "lm_head" to prune it too).
+    """
+    check_amount(amount)
+    if dim not in DIMS:
+        raise ValueError(f"unknown pruning dim {dim!r}; valid: {', '.join(DIMS)}")
+    if importance not in IMPORTANCE:
+        raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)}")
+    if importance == "act" and (calib is None or calib.dtype != torch.long or calib.dim() != 2):
+        raise ValueError("importance='act' needs calib, a LongTensor of token ids [nsamples, seqlen], "
+                         "e.g. fastllama.data.calibration(tokenizer, model=model)")
+    targets = tuple(TARGETS if targets is None else targets)
+    leaf = {"input": targets, "output": targets, "mlp": ("down_proj",), "heads": ("o_proj",)}[dim]
+    names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and _prunable(m)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune; "
+                         f"pass targets= with the names of its linears")
+    norms = activation_norms(model, calib, names) if importance == "act" else None
+    if dim in ("input", "output"):
+        _prune_linears(model, amount, dim, norms, names)
+        return model
+
+    modules, config = dict(model.named_modules()), model.config
+    blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
+    if dim == "mlp":
+        kept = {_prune_mlp(mlp, amount, None if norms is None else norms[name]) for name, mlp in blocks.items()}
+        config.intermediate_size = kept.pop()
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_kv, rep = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+        kept = {_prune_heads(attn, amount, None if norms is None else norms[name], n_kv, head_dim)
+                for name, attn in blocks.items()}
+        config.head_dim, config.num_key_value_heads = head_dim, kept.pop()
+        config.num_attention_heads = config.num_key_value_heads * rep
+    log.info("pruned %s by %.3g (%s importance)", dim, amount, importance)
+    return model

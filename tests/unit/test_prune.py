@@ -1,0 +1,174 @@
+"""prune_model on random:tiny: per-linear pruning equals ln_structured, coupled pruning equals masking the
+removed channels, `act` importance is Wanda's, and the pruned model still generates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+from fastllama.nn import PrunedInputLinear, PrunedOutputLinear
+from fastllama.prune import MLP_MULTIPLE, TARGETS, activation_norms, mlp_keep_count, prune_model
+
+pytestmark = pytest.mark.unit
+
+CALIB = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _linears(model, leaf):
+    return [m for n, m in model.named_modules() if n.endswith(f".{leaf}")]
+
+
+def _bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@settings(max_examples=8, deadline=None)
+@given(amount=st.floats(0, 0.9), dim=st.sampled_from(["input", "output"]))
+def test_per_linear_equals_ln_structured_on_every_target(amount, dim):
+    from fastllama.models import load_model
+
+    model, _ = load_model("random:tiny", dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    for leaf in TARGETS:
+        for linear in _linears(ref, leaf):
+            prune.ln_structured(linear, "weight", amount, n=1, dim=1 if dim == "input" else 0)
+    prune_model(model, amount, dim=dim)
+    swap = PrunedInputLinear if dim == "input" else PrunedOutputLinear
+    assert all(isinstance(m, swap) for leaf in TARGETS for m in _linears(model, leaf))
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_targets_select_the_linears(tiny_model):
+    prune_model(tiny_model, 0.25, dim="input", targets=["down_proj", "lm_head"])
+    assert isinstance(tiny_model.lm_head, PrunedInputLinear)
+    assert all(isinstance(m, PrunedInputLinear) for m in _linears(tiny_model, "down_proj"))
+    assert all(isinstance(m, nn.Linear) for m in _linears(tiny_model, "q_proj"))
+
+
+def test_activation_norms_are_the_input_l2_norms(tiny_model):
+    norms = activation_norms(tiny_model, CALIB, ["model.layers.0.self_attn.q_proj"])
+    with torch.no_grad():
+        x = tiny_model.model.layers[0].input_layernorm(tiny_model.model.embed_tokens(CALIB))
+    torch.testing.assert_close(norms["model.layers.0.self_attn.q_proj"], x.flatten(0, 1).norm(dim=0))
+
+
+def test_act_importance_is_wanda(tiny_model):
+    q = tiny_model.model.layers[0].self_attn.q_proj
+    norm = activation_norms(tiny_model, CALIB, ["model.layers.0.self_attn.q_proj"])["model.layers.0.self_attn.q_proj"]
+    score = (q.weight.detach().abs() * norm).sum(0)
+    expected = torch.topk(score, k=96).indices.sort().values
+    prune_model(tiny_model, 0.25, dim="input", importance="act", calib=CALIB)
+    assert tiny_model.model.layers[0].self_attn.q_proj.keep.tolist() == expected.tolist()
+
+
+def test_act_keeps_a_massive_activation_channel_that_l1_prunes(tiny_model):
+    with torch.no_grad():  # channel 5: huge activations through small weights, as in Llama's massive activations
+        tiny_model.model.embed_tokens.weight[:, 5] *= 100
+        tiny_model.model.layers[0].self_attn.q_proj.weight[:, 5] *= 0.1
+    l1 = prune_model(copy.deepcopy(tiny_model), 0.25, dim="input")
+    act = prune_model(tiny_model, 0.25, dim="input", importance="act", calib=CALIB)
+    assert 5 not in l1.model.layers[0].self_attn.q_proj.keep.tolist()
+    assert 5 in act.model.layers[0].self_attn.q_proj.keep.tolist()
+
+
+@pytest.mark.parametrize("importance", ["l1", "act"])
+def test_mlp_coupled_equals_masking_the_channels(tiny_model, importance):
+    ref = copy.deepcopy(tiny_model)
+    before = _bytes(tiny_model)
+    prune_model(tiny_model, 0.5, dim="mlp", importance=importance, calib=CALIB)
+    assert tiny_model.config.intermediate_size == 128
+    for mlp, mlp_ref in zip((lay.mlp for lay in tiny_model.model.layers), (lay.mlp for lay in ref.model.layers)):
+        assert type(mlp.down_proj) is nn.Linear and mlp.down_proj.in_features == mlp.gate_proj.out_features == 128
+        kept = (mlp_ref.gate_proj.weight[:, None] == mlp.gate_proj.weight[None]).all(-1).any(-1)  # kept rows
+        with torch.no_grad():
+            mlp_ref.down_proj.weight[:, ~kept] = 0
+    torch.testing.assert_close(_logits(tiny_model), _logits(ref), atol=1e-5, rtol=1e-5)
+    mlp_bytes = 3 * 128 * 256 * 4 * 2  # two layers of gate, up, down in fp32
+    assert before - _bytes(tiny_model) == mlp_bytes // 2
+
+
+@pytest.mark.parametrize("importance", ["l1", "act"])
+def test_heads_coupled_equals_masking_the_kv_group(tiny_model, importance):
+    ref = copy.deepcopy(tiny_model)
+    prune_model(tiny_model, 0.5, dim="heads", importance=importance, calib=CALIB)
+    cfg = tiny_model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 32)  # GQA ratio 2 kept
+    for attn, attn_ref in zip((lay.self_attn for lay in tiny_model.model.layers),
+                              (lay.self_attn for lay in ref.model.layers)):
+        assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (64, 32, 64)
+        group = int(torch.equal(attn.k_proj.weight, attn_ref.k_proj.weight[32:]))  # which KV group survived
+        with torch.no_grad():  # without its o_proj columns, the other group contributes nothing
+            attn_ref.o_proj.weight[:, (1 - group) * 64:(2 - group) * 64] = 0
+    torch.testing.assert_close(_logits(tiny_model), _logits(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", ["input", "output", "mlp", "heads"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_after_pruning(tiny_model, dim, cache):
+    prune_model(tiny_model, 0.5, dim=dim)
+    out = tiny_model.generate(IDS[:1], max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                              pad_token_id=0)
+    assert out.shape == (1, 18)
+    torch.testing.assert_close(out[0, 12:], _logits(tiny_model, out[:, :-1])[0, 11:].argmax(-1))
+
+
+@given(width=st.integers(1, 4096), amount=st.floats(0, 0.99))
+def test_mlp_keep_count_is_kernel_friendly(width, amount):
+    exact = width - round(amount * width)
+    if exact < 1:
+        with pytest.raises(ValueError, match="would remove all"):
+            mlp_keep_count(width, amount)
+        return
+    keep = mlp_keep_count(width, amount)
+    if width % MLP_MULTIPLE:
+        assert keep == exact
+    else:
+        assert keep % MLP_MULTIPLE == 0 and MLP_MULTIPLE <= keep <= width
+        assert abs(keep - exact) <= MLP_MULTIPLE // 2 or keep == MLP_MULTIPLE
+
+
+@pytest.mark.parametrize("amount", [-0.5, 1.0, 2])
+def test_amount_outside_range_is_rejected(tiny_model, amount):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        prune_model(tiny_model, amount)
+
+
+@pytest.mark.parametrize("dim, amount, match", [("heads", 0.9, "would remove all 2 KV head groups"),
+                                                ("mlp", 0.999, "would remove all 256 MLP channels"),
+                                                ("input", 0.999, "would remove all 128 input channels")])
+def test_amount_that_removes_everything_is_rejected(tiny_model, dim, amount, match):
+    with pytest.raises(ValueError, match=match):
+        prune_model(tiny_model, amount, dim=dim)
+
+
+def test_unknown_dim_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="unknown pruning dim 'rows'; valid: input, output, mlp, heads"):
+        prune_model(tiny_model, 0.1, dim="rows")
+
+
+def test_unknown_importance_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="unknown importance 'l2'; valid: l1, act"):
+        prune_model(tiny_model, 0.1, importance="l2")
+
+
+def test_act_without_calibration_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="importance='act' needs calib"):
+        prune_model(tiny_model, 0.1, importance="act")
+
+
+def test_model_without_linears_is_rejected():
+    with pytest.raises(ValueError, match="Sequential has no linear layers named q_proj"):
+        prune_model(nn.Sequential(nn.Embedding(4, 4), nn.ReLU()), 0.1)

@@ -369,13 +369,12 @@ class QuantLinear(nn.Module):
             scales, zeros = scales[index], None if zeros is None else zeros[index]
             bias = None if bias is None else bias[index]
         elif self.bits == 4:
-            blocks = index.reshape(-1, self.group_size)
-            starts = blocks[:, :1]
-            if index.numel() % self.group_size or (starts % self.group_size).any() or not torch.equal(
-                    blocks, starts + torch.arange(self.group_size, device=q.device)):
+            starts = index[::self.group_size]
+            whole = (starts[:, None] + torch.arange(self.group_size, device=q.device)).flatten()
+            if index.numel() % self.group_size or (starts % self.group_size).any() or not torch.equal(index, whole):
                 raise ValueError(f"4-bit columns can only be selected in whole groups of {self.group_size} "
                                  "(see in_granularity); pass whole, aligned groups")
-            groups = starts.flatten() // self.group_size
+            groups = starts // self.group_size
             scales, zeros = scales[:, groups], zeros[:, groups]
         q = q.index_select(dim, index)
         module = QuantLinear(q.shape[1], q.shape[0], self.bits, self.group_size, bias is not None, q.device)

@@ -134,8 +134,78 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {args.json}")
 
 
+# ---------------------------------------------------------------- prune / drop
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=None, help="calibration text file or folder (default: C4 if reachable, else model samples)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
+
+
+def _calib(args: argparse.Namespace, model, tok):
+    from .data import calibration
+
+    return calibration(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
+
+
+def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: int) -> None:
+    after = _model_bytes(model)
+    print(f"{recipe}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.1%})")
+    if args.out:
+        from .checkpoint import save
+
+        save(model, args.out, tokenizer=tok, recipe=recipe)
+        print(f"saved to {args.out}")
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="structured pruning: input/output channels of each linear, or coupled MLP channels / KV head groups")
+    _model_args(p)
+    p.add_argument("--dim", default="input", choices=["input", "output", "mlp", "heads"],
+                   help="input/output channels of each linear, or coupled MLP channels / KV head groups (default input)")
+    p.add_argument("--amount", type=float, required=True, help="fraction of channels (or KV groups) to remove, in [0, 1)")
+    p.add_argument("--importance", default="l1", choices=["l1", "act"],
+                   help="channel importance: l1 norm, or act (|W| x activation norm, needs calibration; default l1)")
+    p.add_argument("--targets", default=None, help="comma-separated linear names for input/output (default: q,k,v,o,gate,up,down _proj)")
+    _calib_args(p)
+    p.add_argument("--out", default=None, help="save the pruned model to this directory")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from .prune import prune_model
+
+    model, tok = _load(args)
+    calib = _calib(args, model, tok) if args.importance == "act" else None
+    targets = args.targets.split(",") if args.targets else None
+    before = _model_bytes(model)
+    prune_model(model, args.amount, dim=args.dim, importance=args.importance, calib=calib, targets=targets)
+    _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before)
+
+
+def _add_drop(sub) -> None:
+    p = sub.add_parser("drop", help="drop the block of N consecutive decoder layers that changes the hidden state least")
+    _model_args(p)
+    p.add_argument("--layers", type=int, required=True, help="how many consecutive layers to drop")
+    _calib_args(p)
+    p.add_argument("--out", default=None, help="save the smaller model to this directory")
+    p.set_defaults(func=_cmd_drop)
+
+
+def _cmd_drop(args: argparse.Namespace) -> None:
+    from .drop import drop_layers
+
+    model, tok = _load(args)
+    before = _model_bytes(model)
+    drop_layers(model, args.layers, _calib(args, model, tok))
+    _save_compressed(args, model, tok, f"drop:layers={args.layers}", before)
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,3 +85,17 @@ def test_missing_calibration_is_rejected(deep):
 def test_model_without_decoder_layers_is_rejected():
     with pytest.raises(ValueError, match="Linear has no decoder layers"):
         drop_layers(torch.nn.Linear(2, 2), 1, CALIB)
+
+
+def test_cli_drop_reports_the_smaller_model(capsys):
+    from fastllama.cli import main
+
+    assert main(["drop", "--model", "random:tiny", "--layers", "1", "--nsamples", "2", "--seqlen", "8"]) == 0
+    assert "drop:layers=1: 1.4 MB -> 0.9 MB" in capsys.readouterr().out
+
+
+def test_cli_drop_all_layers_is_a_clean_error(capsys):
+    from fastllama.cli import main
+
+    assert main(["drop", "--model", "random:tiny", "--layers", "2", "--nsamples", "2", "--seqlen", "8"]) == 2
+    assert "fastllama: error: cannot drop 2 layers of 2" in capsys.readouterr().err

@@ -172,3 +172,17 @@ def test_act_without_calibration_is_rejected(tiny_model):
 def test_model_without_linears_is_rejected():
     with pytest.raises(ValueError, match="Sequential has no linear layers named q_proj"):
         prune_model(nn.Sequential(nn.Embedding(4, 4), nn.ReLU()), 0.1)
+
+
+def test_cli_prune_reports_the_smaller_model(capsys):
+    from fastllama.cli import main
+
+    assert main(["prune", "--model", "random:tiny", "--dim", "mlp", "--amount", "0.5"]) == 0
+    assert "prune:mlp=0.5,importance=l1: 1.4 MB -> 1.1 MB" in capsys.readouterr().out
+
+
+def test_cli_prune_bad_amount_is_a_clean_error(capsys):
+    from fastllama.cli import main
+
+    assert main(["prune", "--model", "random:tiny", "--amount", "1.5"]) == 2
+    assert "fastllama: error: pruning amount 1.5 is outside [0, 1)" in capsys.readouterr().err

@@ -201,6 +201,7 @@ class PrunedOutputLinear(nn.Module):
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernels take
 SCALE_DTYPE = torch.bfloat16  # the kernels' scale/zero dtype; activations are cast to it around the call
+KERNEL_MULTIPLE = 16  # int4 kernels need out_features, the int8 kernel in_features, divisible by this: padded
 
 
 def check_quant_config(bits: int, group_size: int) -> None:
@@ -213,22 +214,13 @@ def check_quant_config(bits: int, group_size: int) -> None:
                          f"{', '.join(map(str, INT4_GROUPS))}")
 
 
-def check_quant_shape(in_features: int, out_features: int, bits: int, group_size: int) -> None:
-    """ValueError unless PyTorch's int4/int8 weight-only kernels can take a layer of this shape."""
-    if bits == 8:
-        check_quant_config(bits, group_size)
-        if in_features % 16:
-            raise ValueError(f"the int8 kernel needs in_features divisible by 16, got {in_features}; "
-                             "prune input channels in multiples of 16")
-        return
+def check_quant_shape(in_features: int, bits: int, group_size: int) -> None:
+    """ValueError unless the config is valid and, for 4 bits, `group_size` divides `in_features`."""
     check_quant_config(bits, group_size)
-    if in_features % group_size:
+    if bits == 4 and in_features % group_size:
         fits = [g for g in INT4_GROUPS if in_features % g == 0]
         raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}; "
                          f"valid for this layer: {', '.join(map(str, fits)) or 'none (needs a multiple of 32)'}")
-    if out_features % 16:
-        raise ValueError(f"the int4 kernel needs out_features divisible by 16, got {out_features}; "
-                         "prune output channels in multiples of 16")
 
 
 def int4_group_for(in_features: int, group_size: int) -> int:
@@ -288,7 +280,8 @@ class QuantLinear(nn.Module):
     4-bit: groups of `group_size` input channels, Ŵ = (q - 8)·scale + zero, q in 0..15: the layout of
     `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 8-bit: one scale per output channel,
     Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm`). Scales and zeros are bfloat16, as the kernels take them;
-    activations are cast to bfloat16 around the kernel (its fast path on CPU) and the output back.
+    activations are cast to bfloat16 around the kernel (its fast path on CPU) and the output back. Shapes
+    the kernels cannot take (pruned to a count not divisible by KERNEL_MULTIPLE) are zero-padded inside.
 
     The buffers are packed for the kernel of their device. `state_dict()` holds the portable form instead
     (`qweight`: the integer values, nibble pairs for 4-bit; `scales`; `zeros`; `bias`), `load_state_dict` packs
@@ -299,8 +292,10 @@ class QuantLinear(nn.Module):
                  bias: bool = False, device: str | torch.device | None = None):
         super().__init__()
         group_size = in_features if bits == 8 else group_size
-        check_quant_shape(in_features, out_features, bits, group_size)
+        check_quant_shape(in_features, bits, group_size)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.pad_out = -out_features % KERNEL_MULTIPLE if bits == 4 else 0  # zero rows the kernel computes
+        self.pad_in = -in_features % KERNEL_MULTIPLE if bits == 8 else 0  # zero columns, and zeros padded to x
         self.in_granularity = group_size if bits == 4 else 1  # the column block that input pruning keeps whole
         groups = in_features // group_size
         zeros = torch.zeros(out_features, groups, device=device) if bits == 4 else None
@@ -322,8 +317,11 @@ class QuantLinear(nn.Module):
     def set_values(self, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> None:
         """Pack integer values q [out, in], scales and zeros [out, in/group_size] (zeros None for 8-bit) for the
         kernel of q's device."""
+        q = nn.functional.pad(q, (0, self.pad_in, 0, self.pad_out))
+        scales = nn.functional.pad(scales, (0, 0, 0, self.pad_out), value=1.0)
         if self.bits == 4:
             self.register_buffer("packed", _int4_pack(q.int()), persistent=False)
+            zeros = nn.functional.pad(zeros, (0, 0, 0, self.pad_out))
             sz = torch.stack([scales, zeros], -1).transpose(0, 1).to(SCALE_DTYPE).contiguous()  # [groups, out, 2]
             self.register_buffer("scales_and_zeros", sz, persistent=False)
         else:
@@ -334,15 +332,16 @@ class QuantLinear(nn.Module):
     def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
         for 8-bit). 4-bit values are read back through the kernel itself, so any device's packing works."""
+        out, cols = self.out_features, self.in_features
         if self.bits == 8:
-            return self.packed.int(), self.scales.float()[:, None], None
-        groups = self.in_features // self.group_size
-        unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device).expand(groups, self.out_features, 2)
-        eye = torch.eye(self.in_features, dtype=SCALE_DTYPE, device=self.packed.device)
-        q = torch.cat([_int4_mm(rows, self.packed, self.group_size, unit.contiguous())
+            return self.packed[:, :cols].int(), self.scales[:out].float()[:, None], None
+        unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device)
+        unit = unit.expand(*self.scales_and_zeros.shape[:2], 2).contiguous()
+        eye = torch.eye(cols, dtype=SCALE_DTYPE, device=self.packed.device)
+        q = torch.cat([_int4_mm(rows, self.packed, self.group_size, unit)
                        for rows in eye.split(1024)])  # [in, out]: (q - 8)·1 + 8 = q, exact in bfloat16
-        sz = self.scales_and_zeros.float()
-        return q.T.round().int(), sz[..., 0].T, sz[..., 1].T
+        sz = self.scales_and_zeros[:, :out].float()
+        return q[:, :out].T.round().int(), sz[..., 0].T, sz[..., 1].T
 
     def dequantize(self) -> Tensor:
         """Ŵ [out, in] in float32: the weight the kernel computes with."""
@@ -352,11 +351,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)
+        if self.pad_in:
+            x2 = nn.functional.pad(x2, (0, self.pad_in))
         if self.bits == 4:
             y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def select(self, dim: int, index: Tensor) -> QuantLinear:

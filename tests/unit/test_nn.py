@@ -138,3 +138,46 @@ def test_importance_of_wrong_shape_is_rejected():
 def test_non_linear_is_rejected():
     with pytest.raises(ValueError, match="cannot prune a Embedding"):
         PrunedInputLinear.from_linear(nn.Embedding(8, 4), 0.5)
+
+
+# ------------------------------------------------------------------------------------------ a QuantLinear inside
+def _sqnr(y, ref):
+    return 10 * torch.log10(ref.square().mean() / (y - ref).square().mean()).item()
+
+
+@settings(max_examples=12, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64]), groups=st.integers(1, 6),
+       out_f=st.integers(1, 80), amount=st.floats(0, 0.9), dim=st.sampled_from([0, 1]), seed=st.integers(0, 99))
+def test_pruning_a_quant_linear_keeps_it_quantized(bits, group, groups, out_f, amount, dim, seed):
+    from fastllama.nn import QuantLinear
+
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(group * groups, out_f, bias=False)
+    q = QuantLinear.from_float(linear, bits, group)
+    units = q.in_features // q.in_granularity if dim == 1 else out_f  # what pruning counts: blocks or rows
+    if units - round(amount * units) < 1:
+        with pytest.raises(ValueError, match="would remove all"):
+            SWAPS[dim].from_linear(q, amount)
+        return
+    pruned = SWAPS[dim].from_linear(q, amount)
+    assert isinstance(pruned.inner, QuantLinear) and pruned.inner.bits == bits
+    block = q.in_granularity if dim == 1 else 1
+    assert pruned.keep.numel() == (units - round(amount * units)) * block
+    if dim == 1:  # whole, aligned groups (4-bit) or single columns (8-bit)
+        assert (pruned.keep.view(-1, block) % block == torch.arange(block)).all()
+    x = torch.randn(3, q.in_features, generator=g)
+    mask = torch.zeros(q.in_features if dim == 1 else out_f, dtype=torch.bool)
+    mask[pruned.keep] = True
+    with torch.no_grad():
+        y = pruned(x)
+        ref = q(x * mask) if dim == 1 else q(x) * mask  # the parent with the pruned channels zeroed
+    if dim == 0:
+        assert not y[..., ~mask].any()
+    if ref.abs().max() > 0:
+        assert _sqnr(y, ref) > 40  # same integers and scales: only the bf16 accumulation order differs
+    if round(amount * units):  # the stored (portable) form shrinks
+        assert _state_bytes(pruned.inner) < _state_bytes(q)
+
+
+def _state_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())

@@ -186,3 +186,23 @@ def test_cli_prune_bad_amount_is_a_clean_error(capsys):
 
     assert main(["prune", "--model", "random:tiny", "--amount", "1.5"]) == 2
     assert "fastllama: error: pruning amount 1.5 is outside [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dim", ["input", "output", "mlp", "heads"])
+def test_pruning_a_quantized_model_keeps_it_quantized_and_smaller(tiny_model, bits, dim):
+    from fastllama.gptq import RTNConfig, quantize_
+    from fastllama.nn import QuantLinear
+
+    quantize_(tiny_model, RTNConfig(bits=bits, group_size=32))
+    before, ref = _state_bytes(tiny_model), _logits(tiny_model)
+    prune_model(tiny_model, 0.25 if dim != "heads" else 0.5, dim=dim, importance="act", calib=CALIB)
+    leaves = [m for leaf in TARGETS for m in _linears(tiny_model, leaf)]
+    assert all(isinstance(getattr(m, "inner", m), QuantLinear) for m in leaves)
+    assert _state_bytes(tiny_model) < before
+    out = tiny_model.generate(IDS[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 16) and _logits(tiny_model).shape == ref.shape
+
+
+def _state_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

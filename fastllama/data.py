@@ -1,0 +1,141 @@
+"""Calibration text for GPTQ and activation-aware pruning, and the RACE reading-comprehension loader.
+
+    calibration(tokenizer, source=None)   token windows [nsamples, seqlen]: C4, a local text, or the model's own samples
+    load_race(path=None)                  RACE examples: ehovy/race (high, test) from the hub, or a local .jsonl/.parquet
+
+The hub is only tried when it answers within a second or two: offline, everything falls back at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+RACE_SAMPLE = DATA_DIR / "race_sample.jsonl"  # the project's own RACE-format sample (original text)
+PPL_TEXT = DATA_DIR / "ppl.txt"  # the project's own prose for perplexity (not calibration text)
+
+C4_FILE = "en/c4-validation.00000-of-00008.json.gz"  # the shard GPTQ papers calibrate on
+TEXT_SUFFIXES = (".txt", ".md")  # files read from a calibration folder
+LETTERS = "ABCD"
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the Hugging Face Hub is not switched off (HF_HUB_OFFLINE) and answers a TCP connect in `timeout` s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- calibration
+def calibration(tokenizer, source: str | Path | None = None, nsamples: int = 128, seqlen: int = 512,
+                model=None, seed: int = 0) -> torch.LongTensor:
+    """`nsamples` windows of `seqlen` token ids (a CPU LongTensor [nsamples, seqlen]) for calibration.
+
+    source: a text file or a folder of .txt/.md files; or None: C4 (allenai/c4, English validation shard) when
+    the hub is reachable, else text sampled from `model` itself. Windows are drawn with `seed`, so the same
+    arguments give the same tensor. `tokenizer` may be None only when sampling from the model.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"calibration needs nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    if source is not None:
+        return _from_text(tokenizer, Path(source).expanduser(), nsamples, seqlen, seed)
+    if tokenizer is not None and hub_reachable():
+        try:
+            return _from_c4(tokenizer, nsamples, seqlen, seed)
+        except Exception as e:  # the hub answered but the dataset did not (rate limit, gated, moved): fall back
+            log.warning("C4 calibration failed (%s: %s); falling back to text sampled from the model",
+                        type(e).__name__, e)
+    if model is None:
+        raise ValueError("no calibration source: the hub (C4) is unreachable and no model was given to sample from; "
+                         "pass source=PATH (a text file or folder) or model=MODEL")
+    return _from_model(model, tokenizer, nsamples, seqlen, seed)
+
+
+def _windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """`nsamples` seeded random windows of `seqlen` tokens from one long 1-D token stream."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()]).long()
+
+
+def _read_text(path: Path) -> str:
+    """The text of a file, or of every .txt/.md file under a folder (sorted, joined by blank lines)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"calibration folder {path} has no {'/'.join(TEXT_SUFFIXES)} files; "
+                             "put text files in it or pass a single file")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no calibration text at {path}; pass an existing text file or folder")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+def _from_text(tokenizer, path: Path, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    if tokenizer is None:
+        raise ValueError(f"calibration text {path} needs a tokenizer, and the model has none; "
+                         "use a model spec with a tokenizer, or source=None to sample from the model")
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"calibration text {path} is empty; pass a file with at least {seqlen} tokens of text")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if len(ids) < seqlen:
+        raise ValueError(f"calibration text {path} has {len(ids)} tokens, fewer than seqlen={seqlen}; "
+                         "pass a longer text or a smaller seqlen")
+    log.info("calibration: %d x %d tokens from %s (%d tokens of text)", nsamples, seqlen, path, len(ids))
+    return _windows(ids, nsamples, seqlen, seed)
+
+
+def _from_c4(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """GPTQ's recipe: random documents longer than `seqlen`, one random window from each."""
+    from datasets import load_dataset
+
+    docs = load_dataset("allenai/c4", data_files={"validation": C4_FILE}, split="validation")
+    rng, rows = random.Random(seed), []
+    for _ in range(100 * nsamples):
+        ids = tokenizer(docs[rng.randrange(len(docs))]["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) > seqlen:
+            start = rng.randrange(len(ids) - seqlen + 1)
+            rows.append(ids[start:start + seqlen])
+            if len(rows) == nsamples:
+                log.info("calibration: %d x %d tokens from C4 (%s)", nsamples, seqlen, C4_FILE)
+                return torch.tensor(rows, dtype=torch.long)
+    raise ValueError(f"C4 has too few documents longer than seqlen={seqlen} tokens; use a smaller seqlen")
+
+
+@torch.inference_mode()
+def _from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 32) -> torch.LongTensor:
+    """Text the model writes itself (as in LLM-QAT): a random first token, then `seqlen - 1` sampled tokens."""
+    vocab = model.config.vocab_size
+    eos = getattr(tokenizer, "eos_token_id", None) or model.config.eos_token_id
+    log.info("calibration: %d x %d tokens sampled from the model (seed %d): no hub and no text source given",
+             nsamples, seqlen, seed)
+    device = next(model.parameters()).device
+    rows = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for n in tqdm(range(0, nsamples, batch_size), desc="sampling calibration text", leave=False):
+            first = torch.randint(0, vocab, (min(batch_size, nsamples - n), 1), device=device)
+            out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0, top_p=1.0,
+                                 max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=eos)
+            rows.append(out[:, :seqlen].cpu())
+    return torch.cat(rows).long()

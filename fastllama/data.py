@@ -139,3 +139,105 @@ def _from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_s
                                  max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=eos)
             rows.append(out[:, :seqlen].cpu())
     return torch.cat(rows).long()
+
+
+# ---------------------------------------------------------------- RACE
+@dataclass(frozen=True)
+class RaceExample:
+    """One RACE question: an article, a question, four options and the gold letter."""
+
+    article: str  # the reading passage
+    question: str  # the question, or a sentence with a blank (`  _  .`) to complete
+    options: tuple[str, str, str, str]  # the option texts, labelled A-D in order
+    answer: str  # the gold letter, A-D
+    id: str = ""  # where it came from ("file:row" or the hub's example_id and question number)
+    prior: tuple[tuple[str, str], ...] = ()  # (question, gold option) of the article's earlier questions (lm-eval)
+
+
+_RACE_FIELDS = ("article", "question", "options", "answer")
+
+
+def load_race(path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[RaceExample]:
+    """RACE questions from a local .jsonl/.parquet (fields article, question, options, answer), or with path=None
+    ehovy/race (high, test) when the hub is reachable, else the shipped sample (with a warning).
+
+    Every row is validated; `limit` keeps a fixed subset of that many questions chosen with `seed`, in file order.
+    """
+    if path is None and hub_reachable():
+        from datasets import load_dataset
+
+        rows, where = list(load_dataset("ehovy/race", "high", split="test")), "ehovy/race (high, test)"
+    else:
+        if path is None:
+            log.warning("the hub is unreachable: evaluating on the shipped RACE-format sample %s, not RACE-H; "
+                        "pass a local RACE file for the real benchmark", RACE_SAMPLE)
+        path = Path(path or RACE_SAMPLE).expanduser()
+        rows, where = _read_rows(path), str(path)
+    examples = subset(_to_examples(rows, where), limit, seed)
+    log.info("RACE: %d questions from %s", len(examples), where)
+    return examples
+
+
+def subset(examples: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed subset of `limit` items drawn with `seed`, in their original order (all of them for None)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of questions, got {limit}; or None for all")
+    if limit is None or limit >= len(examples):
+        return examples
+    return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no RACE file at {path}; pass a .jsonl or .parquet file with the fields "
+                                f"{', '.join(_RACE_FIELDS)}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: row {i} is not valid JSON ({e}); each line must be one JSON object") from e
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"RACE file {path} must be .jsonl or .parquet, got {path.suffix!r}; convert it to one of those")
+
+
+def _to_examples(rows: list[dict], where: str) -> list[RaceExample]:
+    """Validated examples; each carries the earlier questions on its article (the lm-eval prompt shows them)."""
+    if not rows:
+        raise ValueError(f"{where} has no RACE rows; pass a file with at least one question")
+    examples, seen = [], {}
+    for i, row in enumerate(rows, 1):
+        _check_row(row, where, i)
+        options = tuple(str(o) for o in row["options"])
+        prior = seen.setdefault(row["article"], [])
+        uid = f"{row['example_id']}#{len(prior)}" if row.get("example_id") else f"{Path(where).name}:{i}"
+        examples.append(RaceExample(row["article"], row["question"], options, row["answer"], uid, tuple(prior)))
+        prior.append((row["question"], options[LETTERS.index(row["answer"])]))
+    return examples
+
+
+def _check_row(row, where: str, i: int) -> None:
+    def bad(field: str, why: str):
+        return ValueError(f"{where}: row {i}: field {field!r} {why}; every row needs article, question (strings), "
+                          "options (4 strings) and answer (one of A, B, C, D)")
+
+    if not isinstance(row, dict):
+        raise bad("(row)", f"is a {type(row).__name__}, not an object")
+    for field in _RACE_FIELDS:
+        if field not in row:
+            raise bad(field, "is missing")
+    for field in ("article", "question"):
+        if not isinstance(row[field], str) or (field == "article" and not row[field].strip()):
+            raise bad(field, "must be a non-empty string")
+    options = row["options"]
+    if not isinstance(options, (list, tuple)) or len(options) != 4 or not all(isinstance(o, str) for o in options):
+        n = len(options) if isinstance(options, (list, tuple)) else type(options).__name__
+        raise bad("options", f"has {n} options, not 4 strings")
+    if row["answer"] not in tuple(LETTERS):
+        raise bad("answer", f"is {row['answer']!r}, not one of A, B, C, D")

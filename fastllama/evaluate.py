@@ -1,18 +1,36 @@
-"""Judging a (compressed) model: perplexity over a text, and RACE reading-comprehension accuracy.
+"""Judging a (compressed) model: RACE reading-comprehension accuracy, and perplexity over a text.
 
+    evaluate_race(model, tokenizer, data)     accuracy with a 95% Wilson interval and per-question records
     perplexity(model, tokenizer, text)        exp(mean NLL) in strided windows (Hugging Face's standard method)
+
+RACE scoring compares the log-likelihood of four continuations of one prompt, in one of two modes:
+
+    letter    the article, the question, options labelled A-D, then "Answer:"; continuations " A" .. " D"
+    lm-eval   the lm-evaluation-harness `race` task (v2.0): "Article: ...", the article's earlier questions with
+              their answers, the question; continuations " " + option text, metric `acc` (summed log-likelihood,
+              not length-normalized). lm-eval scores only each article's last question; here every question
+              is scored with the prompt lm-eval would build if it were the last.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import LETTERS, RaceExample, load_race, subset
+
 log = logging.getLogger(__name__)
+
+MODES = ("letter", "lm-eval")
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 
 def _device(model) -> torch.device:
@@ -49,3 +67,159 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, window: int = 512, st
     ppl = math.exp(nll / scored)
     log.info("perplexity %.3f over %d tokens (window %d, stride %d)", ppl, scored, window, stride)
     return ppl
+
+
+# ---------------------------------------------------------------- RACE
+def letter_prompt(ex: RaceExample) -> tuple[str, list[str]]:
+    """The `letter` prompt and its four continuations (" A" .. " D")."""
+    options = "".join(f"{letter}. {option}\n" for letter, option in zip(LETTERS, ex.options))
+    return f"Article: {ex.article}\n\nQuestion: {ex.question}\n{options}Answer:", [f" {c}" for c in LETTERS]
+
+
+def lm_eval_prompt(ex: RaceExample) -> tuple[str, list[str]]:
+    """lm-evaluation-harness `race` (v2.0) `doc_to_text`, with " " + each option as the continuations.
+
+    Earlier questions on the article come with their gold answers; a fill-in-the-blank one (ending "  _  .")
+    is written as lm-eval writes it: the last 5 characters of the question, then the answer.
+    """
+    text = "Article: " + ex.article + "\n\n"
+    for question, answer in ex.prior:
+        if question[-6:] == "  _  .":
+            text += question[-5:] + answer + "\n"
+        else:
+            text += "Question: " + question + "\n" + "Answer: " + answer + "\n"
+    return text + ex.question, [" " + option for option in ex.options]
+
+
+PROMPTS = {"letter": letter_prompt, "lm-eval": lm_eval_prompt}
+
+
+@dataclass
+class RaceResult:
+    """RACE accuracy with its 95% Wilson interval, and one record per question."""
+
+    acc: float  # fraction of questions answered correctly
+    ci_low: float  # lower end of the 95% Wilson score interval of acc
+    ci_high: float  # upper end of the 95% Wilson score interval of acc
+    n: int  # questions scored
+    mode: str  # "letter" or "lm-eval"
+    records: list[dict] = field(default_factory=list, repr=False)  # id, gold, chosen, correct, loglik (A-D)
+
+    def summary(self) -> dict:
+        """The numbers without the per-question records (for JSON reports)."""
+        return {k: v for k, v in asdict(self).items() if k != "records"}
+
+    def agreement(self, other: RaceResult) -> float:
+        """Share of the questions scored by both results on which they chose the same answer."""
+        mine = {r["id"]: r["chosen"] for r in self.records}
+        common = [r for r in other.records if r["id"] in mine]
+        if not common:
+            raise ValueError("the two RACE results share no question ids; evaluate both on the same data")
+        return sum(mine[r["id"]] == r["chosen"] for r in common) / len(common)
+
+    def write_records(self, path: str | Path) -> None:
+        """One JSON line per question: id, gold, chosen, correct and the four log-likelihoods."""
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion `correct / n` (z = 1.96: 95%)."""
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"a Wilson interval needs 0 <= correct <= n and n > 0, got correct={correct}, n={n}")
+    p, z2 = correct / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at k = 0 or k = n one end is exactly 0 or 1; say so rather than leave float rounding there
+    return (0.0 if correct == 0 else center - half), (1.0 if correct == n else center + half)
+
+
+def evaluate_race(model, tokenizer, data: str | Path | Sequence[RaceExample] | None = None, mode: str = "letter",
+                  limit: int | None = None, batch_size: int = 8, max_length: int = 2048, seed: int = 0) -> RaceResult:
+    """RACE accuracy of `model`: for each question, the option whose continuation has the highest log-likelihood.
+
+    data: examples, a RACE file, or None (see `data.load_race`); `limit` keeps a seeded subset of that many.
+    Prompts longer than `max_length` tokens lose their beginning (the article's start), with a warning.
+    """
+    if mode not in PROMPTS:
+        raise ValueError(f"unknown RACE mode {mode!r}; valid: {', '.join(MODES)}")
+    if tokenizer is None:
+        raise ValueError("RACE needs a tokenizer and this model has none (a random preset?); use a real model spec")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if data is None or isinstance(data, (str, Path)):
+        examples = load_race(data, limit=limit, seed=seed)
+    else:
+        examples = subset(list(data), limit, seed)
+    requests = []
+    for ex in examples:
+        context, continuations = PROMPTS[mode](ex)
+        requests.append([_encode(tokenizer, context, c) for c in continuations])
+    scores = _loglikelihoods(model, requests, batch_size, max_length, [ex.id for ex in examples])
+    records = []
+    for ex, s in zip(examples, scores):
+        chosen = LETTERS[max(range(4), key=s.__getitem__)]
+        records.append({"id": ex.id, "gold": ex.answer, "chosen": chosen, "correct": chosen == ex.answer,
+                        "loglik": [round(v, 4) for v in s]})
+    correct = sum(r["correct"] for r in records)
+    low, high = wilson_interval(correct, len(records))
+    result = RaceResult(correct / len(records), low, high, len(records), mode, records)
+    log.info("RACE (%s): %.3f [%.3f, %.3f] over %d questions", mode, result.acc, low, high, result.n)
+    return result
+
+
+def _encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's encoding of a (context, continuation) pair: trailing spaces of the context move to the
+    continuation, and the continuation's tokens are those the whole text has beyond the context's."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    ctx = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], batch_size: int, max_length: int,
+                    ids: list[str]) -> list[list[float]]:
+    """For each request (the options of one question), the summed log-probability of each continuation.
+
+    A forward pass reads (context + continuation)[:-1]; options whose inputs are equal (one-token continuations
+    of one context, as in the letter mode) share it. Rows are sorted by length and right-padded: under a causal
+    mask the padding comes after every real token, so it changes nothing they see.
+    """
+    rows: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}  # input -> (question, option, continuation)
+    for q, options in enumerate(requests):
+        for o, (ctx, cont) in enumerate(options):
+            if not cont:
+                raise ValueError(f"RACE question {ids[q]}: option {LETTERS[o]} encodes to no tokens; check the data")
+            full = ctx + cont
+            if len(full) - 1 > max_length:
+                if o == 0:
+                    log.warning("RACE question %s: prompt of %d tokens truncated from the front to max_length=%d",
+                                ids[q], len(full) - 1, max_length)
+                full = full[-(max_length + 1):]
+            rows.setdefault(tuple(full[:-1]), []).append((q, o, cont))
+    scores = [[0.0] * len(options) for options in requests]
+    device = next(model.parameters()).device
+    order = sorted(rows, key=len, reverse=True)
+    for start in tqdm(range(0, len(order), batch_size), desc="RACE", leave=False):
+        batch = order[start:start + batch_size]
+        width = len(batch[0])
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, row in enumerate(batch):
+            input_ids[b, :len(row)] = torch.tensor(row)
+            mask[b, :len(row)] = 1
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        b_idx, pos, targets, owners = [], [], [], []
+        for b, row in enumerate(batch):
+            for q, o, cont in rows[row]:  # the last len(cont) positions of the input predict the continuation
+                b_idx += [b] * len(cont)
+                pos += range(len(row) - len(cont), len(row))
+                targets += cont
+                owners += [(q, o)] * len(cont)
+        logits = model.get_output_embeddings()(hidden[b_idx, pos]).float()
+        logp = logits.log_softmax(-1)[torch.arange(len(targets)), torch.tensor(targets, device=device)].tolist()
+        for (q, o), lp in zip(owners, logp):
+            scores[q][o] += lp
+    return scores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from fastllama import data
 
@@ -72,3 +73,81 @@ def test_calibration_samples_from_model_when_offline(tiny_model, offline):
 def test_ppl_text_is_shipped():
     words = data.PPL_TEXT.read_text().split()
     assert 3000 <= len(words) <= 6000
+
+
+# ---------------------------------------------------------------- RACE loader
+ROW = {"article": "Tom has a dog.", "question": "What does Tom have?", "options": ["a cat", "a dog", "a bird", "a fish"],
+       "answer": "B"}
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_race_jsonl_and_prior_questions(tmp_path):
+    second = {**ROW, "question": "Who has a dog?", "options": ["Tom", "Ann", "Sue", "Bob"], "answer": "A"}
+    other = {**ROW, "article": "Ann runs."}
+    path = _write_jsonl(tmp_path / "r.jsonl", [ROW, second, other])
+    ex = data.load_race(path)
+    assert [e.answer for e in ex] == ["B", "A", "B"]
+    assert ex[0].options == ("a cat", "a dog", "a bird", "a fish") and ex[0].id == "r.jsonl:1"
+    assert ex[0].prior == () and ex[1].prior == (("What does Tom have?", "a dog"),) and ex[2].prior == ()
+
+
+def test_load_race_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([ROW, ROW]), tmp_path / "r.parquet")
+    ex = data.load_race(tmp_path / "r.parquet")
+    assert len(ex) == 2 and ex[1].question == ROW["question"] and ex[1].answer == "B"
+
+
+@pytest.mark.parametrize("row, match", [
+    ({k: v for k, v in ROW.items() if k != "question"}, "row 2: field 'question' is missing"),
+    ({**ROW, "options": ["a", "b", "c"]}, "row 2: field 'options' has 3 options, not 4"),
+    ({**ROW, "answer": "E"}, "row 2: field 'answer' is 'E', not one of A, B, C, D"),
+    ({**ROW, "article": ""}, "row 2: field 'article' must be a non-empty string"),
+    ({**ROW, "options": "abcd"}, "row 2: field 'options' has str options"),
+])
+def test_load_race_bad_row_names_file_row_and_field(tmp_path, row, match):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [ROW, row])
+    with pytest.raises(ValueError, match=match) as e:
+        data.load_race(path)
+    assert str(path) in str(e.value)
+
+
+def test_load_race_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no RACE file at"):
+        data.load_race(tmp_path / "none.jsonl")
+    (tmp_path / "r.csv").write_text("x")
+    with pytest.raises(ValueError, match="must be .jsonl or .parquet"):
+        data.load_race(tmp_path / "r.csv")
+    (tmp_path / "r.jsonl").write_text('{"article": \n')
+    with pytest.raises(ValueError, match="row 1 is not valid JSON"):
+        data.load_race(tmp_path / "r.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="has no RACE rows"):
+        data.load_race(tmp_path / "e.jsonl")
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        data.load_race(_write_jsonl(tmp_path / "ok.jsonl", [ROW]), limit=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), limit=st.integers(1, 50), seed=st.integers(0, 3))
+def test_subset_is_fixed_ordered_and_sized(n, limit, seed):
+    items = list(range(n))
+    out = data.subset(items, limit, seed)
+    assert out == data.subset(items, limit, seed) and out == sorted(out)
+    assert len(out) == min(n, limit) and set(out) <= set(items)
+
+
+def test_shipped_race_sample_is_valid_and_balanced(offline):
+    ex = data.load_race()  # offline: the shipped sample
+    assert len(ex) >= 100 and len({e.article for e in ex}) >= 25
+    counts = {c: sum(e.answer == c for e in ex) for c in "ABCD"}
+    assert max(counts.values()) - min(counts.values()) <= 2, counts
+    assert all(len(set(e.options)) == 4 for e in ex)

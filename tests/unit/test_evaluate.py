@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fastllama.evaluate import perplexity
+from fastllama.data import RaceExample
+from fastllama.evaluate import evaluate_race, letter_prompt, lm_eval_prompt, perplexity, wilson_interval
 
 pytestmark = pytest.mark.unit
 
@@ -67,3 +68,144 @@ def test_perplexity_errors(tiny_model):
         perplexity(tiny_model, None, "some text")
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(tiny_model, None, torch.tensor([3]))
+
+
+# ---------------------------------------------------------------- RACE
+EXAMPLE = RaceExample(
+    article="Mia planted beans in May.",
+    question="When did Mia plant the beans?",
+    options=("In March", "In May", "In June", "In July"),
+    answer="B",
+    prior=(("Mia planted  _  .", "beans"), ("Who planted beans?", "Mia")),
+)
+
+
+def test_letter_prompt_format():
+    context, continuations = letter_prompt(EXAMPLE)
+    assert context == ("Article: Mia planted beans in May.\n\n"
+                       "Question: When did Mia plant the beans?\n"
+                       "A. In March\nB. In May\nC. In June\nD. In July\n"
+                       "Answer:")
+    assert continuations == [" A", " B", " C", " D"]
+
+
+def test_lm_eval_prompt_format():
+    """lm-eval race v2.0: earlier questions answered (a cloze one as its last 5 characters + the answer),
+    then the bare question; the options' text as continuations after a space."""
+    context, continuations = lm_eval_prompt(EXAMPLE)
+    assert context == ("Article: Mia planted beans in May.\n\n"
+                       " _  .beans\n"
+                       "Question: Who planted beans?\nAnswer: Mia\n"
+                       "When did Mia plant the beans?")
+    assert continuations == [" In March", " In May", " In June", " In July"]
+
+
+class CharTokenizer:
+    """One token per character (ids < 128): a tokenizer for the tiny random model."""
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def _examples(n: int, seed: int = 0) -> list[RaceExample]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "tall", "small", "river", "stone", "bread", "light", "clock"]
+    out = []
+    for i in range(n):
+        article = " ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) + "."
+        options = tuple(" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) + f" {k}" for k in range(4))
+        out.append(RaceExample(article, f"Question {i}?", options, "ABCD"[i % 4], id=str(i)))
+    return out
+
+
+def _force_token(model, token: int) -> None:
+    """Make every position predict `token`: an untied head whose only nonzero is a bias on that token."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[token] = 10.0
+    model.lm_head = head
+
+
+@pytest.mark.parametrize("letter", "ABCD")
+def test_letter_scoring_picks_the_forced_letter(tiny_model, letter):
+    _force_token(tiny_model, ord(letter))
+    examples = _examples(8)
+    result = evaluate_race(tiny_model, CharTokenizer(), examples, mode="letter")
+    assert [r["chosen"] for r in result.records] == [letter] * 8
+    assert [r["gold"] for r in result.records] == [e.answer for e in examples]
+    assert result.acc == 2 / 8 and result.n == 8 and result.mode == "letter"
+    assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(2, 8))
+
+
+@pytest.mark.parametrize("mode", ["letter", "lm-eval"])
+def test_batched_scores_equal_one_by_one(tiny_model, mode):
+    examples = _examples(11, seed=1)  # varied lengths: padding in every batch
+    one = evaluate_race(tiny_model, CharTokenizer(), examples, mode=mode, batch_size=1)
+    many = evaluate_race(tiny_model, CharTokenizer(), examples, mode=mode, batch_size=5)
+    for a, b in zip(one.records, many.records):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-3)
+        assert a["chosen"] == b["chosen"]
+    assert one.agreement(many) == 1.0
+
+
+def test_long_prompts_are_truncated_with_a_warning(tiny_model, caplog):
+    ex = _examples(1)[0]
+    long = RaceExample("word " * 200, ex.question, ex.options, ex.answer, id="long")
+    result = evaluate_race(tiny_model, CharTokenizer(), [long], mode="lm-eval", max_length=64)
+    assert result.n == 1 and all(math.isfinite(v) for v in result.records[0]["loglik"])
+    assert "RACE question long: prompt of" in caplog.text and "truncated from the front" in caplog.text
+
+
+def test_limit_and_records_file(tiny_model, tmp_path):
+    import json
+
+    result = evaluate_race(tiny_model, CharTokenizer(), _examples(10), limit=4)
+    assert result.n == 4
+    result.write_records(tmp_path / "r.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in result.records]
+    assert set(rows[0]) == {"id", "gold", "chosen", "correct", "loglik"}
+    assert result.summary() == {"acc": result.acc, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": 4,
+                                "mode": "letter"}
+
+
+def test_agreement_counts_shared_choices(tiny_model):
+    examples = _examples(4)
+    _force_token(tiny_model, ord("A"))
+    a = evaluate_race(tiny_model, CharTokenizer(), examples)
+    b = evaluate_race(tiny_model, CharTokenizer(), examples)
+    b.records[1]["chosen"] = "C"
+    assert a.agreement(b) == 0.75
+    b.records = [{**r, "id": "x" + r["id"]} for r in b.records]
+    with pytest.raises(ValueError, match="share no question ids"):
+        a.agreement(b)
+
+
+def test_wilson_interval_known_values():
+    # reference values (Wilson 1927; e.g. statsmodels proportion_confint(method="wilson"))
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 2000), data=st.data())
+def test_wilson_interval_contains_the_estimate(n, data):
+    k = data.draw(st.integers(0, n))
+    low, high = wilson_interval(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_race_errors(tiny_model):
+    with pytest.raises(ValueError, match="unknown RACE mode 'mmlu'; valid: letter, lm-eval"):
+        evaluate_race(tiny_model, CharTokenizer(), _examples(1), mode="mmlu")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        evaluate_race(tiny_model, None, _examples(1))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate_race(tiny_model, CharTokenizer(), _examples(1), batch_size=0)
+    with pytest.raises(ValueError, match="0 <= correct <= n"):
+        wilson_interval(3, 2)

@@ -1,0 +1,195 @@
+"""Decode benchmarks: latency, time to first token, tokens/s, memory and bandwidth (see DESIGN.md, "Metrics").
+
+    bench(model, prompt_len=128, new_tokens=256, runs=3, baseline="hf") -> dict of metrics
+
+The fast path is `fastllama.generate.Decoder`: each run times the prefill (`ttft_ms`) and every decode step
+separately; `tpot_ms` is the median step over all runs, after a warm-up run (which also compiles on a GPU).
+Timing is synchronized: CUDA events around every step on a GPU (read after the run, so no step waits on the
+host), `time.perf_counter` on the CPU, whose ops are synchronous. `baseline="hf"` times plain Hugging Face
+`generate` on the same model in the same process, token by token through a streamer, so every speedup is a
+ratio measured side by side (`hf_*` keys and `speedup`).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .generate import Decoder
+
+log = logging.getLogger(__name__)
+
+# peak memory bandwidth by device name (TB/s), first match wins; bandwidth_frac is None for anything else
+PEAK_BANDWIDTH_TBS = (("GH200", 4.0), ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu (N threads)"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def peak_bandwidth_tbs(name: str) -> float | None:
+    """Peak memory bandwidth in TB/s from a device name (H100 SXM, H100 PCIe, H200, GH200); None if unknown."""
+    return next((tbs for key, tbs in PEAK_BANDWIDTH_TBS if key in name), None)
+
+
+def model_gb(model: nn.Module) -> float:
+    """Bytes of all parameters and buffers (shared storage, e.g. tied embeddings, counted once), in GB."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / 1e9
+
+
+def nvml_mem_gb(device: torch.device) -> float | None:
+    """This process's GPU memory as NVML sees it (pynvml, from nvidia-ml-py), or None without one."""
+    if device.type != "cuda":
+        return None
+    try:
+        import os
+
+        import pynvml
+    except ImportError:
+        log.info("pynvml is not installed (pip install nvidia-ml-py): nvml_mem_gb is None")
+        return None
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = sum(p.usedGpuMemory or 0 for p in procs if p.pid == os.getpid())
+        return used / 1e9 if used else None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+class _Clock:
+    """Marks on a timeline: CUDA events on a GPU (read once at the end), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """The milliseconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _run_fast(decoder: Decoder, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """One greedy run on the fast path: [prefill ms, step ms, step ms, ...]."""
+    clock = _Clock(decoder.device)
+    clock.mark()
+    token = decoder.prefill(ids)
+    clock.mark()
+    for pos in range(ids.shape[1], ids.shape[1] + new_tokens - 1):
+        token = decoder.step(token, pos)
+        clock.mark()
+    return clock.intervals_ms()
+
+
+def _run_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """One plain `generate` run (greedy, exactly `new_tokens`): [prefill ms, step ms, ...] from a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    clock = _Clock(ids.device)
+
+    class Stamp(BaseStreamer):
+        def put(self, value):  # called with the prompt, then with each new token
+            clock.mark()
+
+        def end(self):
+            pass
+
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=Stamp())
+    return clock.intervals_ms()
+
+
+def _summarize(runs: list[list[float]], new_tokens: int) -> dict[str, float]:
+    """ttft/tpot medians and tokens/s from per-run [prefill, step, ...] timings."""
+    tpot = statistics.median(t for run in runs for t in run[1:]) if new_tokens > 1 else float("nan")
+    e2e = statistics.median(sum(run) for run in runs)
+    return {"ttft_ms": statistics.median(run[0] for run in runs), "tpot_ms": tpot, "tokens_per_s": 1000 / tpot,
+            "e2e_tokens_per_s": new_tokens * 1000 / e2e}
+
+
+def _repeat(run: Callable[[], list[float]], runs: int) -> list[list[float]]:
+    run()  # warm-up (and compilation on a GPU)
+    return [run() for _ in range(runs)]
+
+
+def prompt_ids(model: nn.Module, prompt_len: int, tokenizer=None, seed: int = 0) -> torch.LongTensor:
+    """A (1, prompt_len) prompt: real text through `tokenizer` when given, else seeded random token ids."""
+    device = model.get_input_embeddings().weight.device
+    if tokenizer is not None:
+        text = ("The river crossing grew into a market town, and the town into a city of bridges and mills. " * 64)
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :prompt_len]
+        if ids.shape[1] == prompt_len:
+            return ids.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator).to(device)
+
+
+def bench_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, runs: int = 3) -> dict[str, float]:
+    """Plain Hugging Face `generate` on `model`: ttft_ms, tpot_ms, tokens_per_s, e2e_tokens_per_s."""
+    return _summarize(_repeat(lambda: _run_hf(model, ids, new_tokens), runs), new_tokens)
+
+
+def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: int = 256, runs: int = 3,
+          baseline: str | None = None, compile: bool | None = None) -> dict:
+    """Every DESIGN.md metric of greedy batch-1 decoding on the fast path (see the module docstring).
+
+    `baseline="hf"` adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and `speedup`
+    (tokens/s over plain generate's), measured in this process on the same model.
+    """
+    if baseline not in (None, "hf"):
+        raise ValueError(f"unknown baseline {baseline!r}; valid: 'hf' (plain transformers generate) or None")
+    if prompt_len < 1 or new_tokens < 2 or runs < 1:
+        raise ValueError(f"need prompt_len >= 1, new_tokens >= 2 and runs >= 1; got prompt_len={prompt_len}, "
+                         f"new_tokens={new_tokens}, runs={runs}")
+    ids = prompt_ids(model, prompt_len, tokenizer)
+    device = ids.device
+    decoder = Decoder(model, prompt_len + new_tokens, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics = _summarize(_repeat(lambda: _run_fast(decoder, ids, new_tokens), runs), new_tokens)
+    name = device_name(device)
+    size, peak_tbs = model_gb(model), peak_bandwidth_tbs(name)
+    metrics |= {
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "nvml_mem_gb": nvml_mem_gb(device),
+        "peak_rss_gb": _peak_rss_gb(),
+        "model_gb": size,
+        "bandwidth_frac": size * metrics["tokens_per_s"] / (peak_tbs * 1000) if peak_tbs else None,
+        "device": name,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "compiled": decoder.compiled,
+    }
+    if baseline == "hf":
+        hf = bench_hf(model, ids, new_tokens, runs)
+        metrics |= {f"hf_{k}": v for k, v in hf.items()} | {"speedup": metrics["tokens_per_s"] / hf["tokens_per_s"]}
+    return metrics

@@ -1,0 +1,118 @@
+"""Fast greedy decoding: a static KV cache, prefill separate from decode, a compiled one-token step.
+
+`Decoder` runs the model's own modules (embeddings, norms, linears or their quantized/pruned swaps,
+rotary tables, lm_head) in a compact forward, with one preallocated key/value buffer per layer. Each
+layer's buffer is sized from what its own k/v projections return, so coupled-pruned layers (fewer
+KV heads) and dropped layers just work; transformers' StaticCache sizes every layer from the config.
+
+The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode (one token at `pos`):
+keys are written into the cache at their positions and attention reads the whole cache under a causal
+mask, so every decode step has the same shapes. That is what torch.compile with CUDA graphs
+(mode="reduce-overhead") needs on a GPU. Greedy output is token-identical to Hugging Face `generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Decoder:
+    """A static-cache greedy decoder for a Llama-family `model`, for prompts + new tokens up to `max_len`."""
+
+    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, compile: bool | None = None):
+        """`compile=None` compiles the decode step on CUDA (CUDA graphs) and leaves it eager on CPU."""
+        self.model, self.max_len = model, max_len
+        inner = model.model
+        param = inner.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        with torch.no_grad():
+            positions = torch.arange(max_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+            self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
+            probe = torch.zeros(1, 1, param.shape[1], dtype=self.dtype, device=self.device)
+            self.cache = [self._buffers(layer.self_attn, probe, batch_size) for layer in inner.layers]
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
+        self.batch_size = batch_size
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self._step = self.forward
+        if self.compiled:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
+
+    def _buffers(self, attn: nn.Module, probe: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed key and value buffers shaped by what this layer's k and v projections return."""
+        def shape(proj: nn.Module) -> tuple[int, ...]:
+            return batch_size, proj(probe).shape[-1] // attn.head_dim, self.max_len, attn.head_dim
+
+        return (torch.zeros(shape(attn.k_proj), dtype=self.dtype, device=self.device),
+                torch.zeros(shape(attn.v_proj), dtype=self.dtype, device=self.device))
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position for `ids` (B, T) at positions `pos` (T,); fills the cache there."""
+        inner = self.model.model
+        x = inner.embed_tokens(ids)
+        cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
+        for layer, (k_cache, v_cache) in zip(inner.layers, self.cache):
+            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, pos, k_cache, v_cache)
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self.model.lm_head(inner.norm(x[:, -1]))
+
+    @staticmethod
+    def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first new token (B, 1) after the prompt `ids` (B, T)."""
+        pos = torch.arange(ids.shape[1], device=self.device)
+        return self.forward(ids, pos).argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """The next token (B, 1) after `token` (B, 1) at position `pos`."""
+        pos_t = torch.tensor([pos], device=self.device)
+        return self._step(token, pos_t).argmax(-1, keepdim=True).clone()
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, compile: bool | None = None,
+             decoder: Decoder | None = None) -> torch.LongTensor:
+    """Greedy continuation of `input_ids` (B, T): returns (B, T + max_new_tokens), like HF `generate`.
+
+    Pass a `decoder` to reuse its cache (and compiled step) across calls.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}; "
+                         "add a batch dimension with input_ids[None]")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    B, T = input_ids.shape
+    decoder = decoder or Decoder(model, T + max_new_tokens, batch_size=B, compile=compile)
+    if T + max_new_tokens > decoder.max_len or B != decoder.batch_size:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} + max_new_tokens ({max_new_tokens}) do not fit the "
+                         f"decoder (batch {decoder.batch_size}, max_len {decoder.max_len}); build a Decoder "
+                         "with that batch size and a large enough max_len")
+    ids = input_ids.to(decoder.device)
+    tokens = [decoder.prefill(ids)]
+    for pos in range(T, T + max_new_tokens - 1):
+        tokens.append(decoder.step(tokens[-1], pos))
+    return torch.cat([ids, *tokens], dim=1)

@@ -1,0 +1,82 @@
+"""fastllama.bench: every DESIGN.md metric is reported and consistent, the HF baseline is timed side by side,
+device bandwidths come from names, model bytes count shared storage once, and bad input is rejected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastllama.bench import bench, model_gb, peak_bandwidth_tbs, prompt_ids
+from fastllama.gptq import RTNConfig, quantize_
+from fastllama.models import load_model
+
+pytestmark = pytest.mark.unit
+
+METRICS = ("tpot_ms", "ttft_ms", "tokens_per_s", "e2e_tokens_per_s", "peak_mem_gb", "nvml_mem_gb", "peak_rss_gb",
+           "model_gb", "bandwidth_frac")
+
+
+def test_every_metric_is_reported(tiny_model):
+    m = bench(tiny_model, prompt_len=8, new_tokens=6, runs=2)
+    assert set(METRICS) <= set(m)
+    assert m["tokens_per_s"] == pytest.approx(1000 / m["tpot_ms"])
+    assert m["ttft_ms"] > 0 and m["tpot_ms"] > 0 and m["e2e_tokens_per_s"] > 0
+    assert m["peak_rss_gb"] > 0 and m["model_gb"] == pytest.approx(model_gb(tiny_model))
+    # on the CPU there is no allocator peak, no NVML and no known peak bandwidth
+    assert (m["peak_mem_gb"], m["nvml_mem_gb"], m["bandwidth_frac"]) == (None, None, None)
+    assert m["device"].startswith("cpu") and m["compiled"] is False
+
+
+def test_hf_baseline_is_timed_side_by_side(tiny_model):
+    m = bench(tiny_model, prompt_len=8, new_tokens=4, runs=1, baseline="hf")
+    assert m["hf_tpot_ms"] > 0 and m["hf_ttft_ms"] > 0
+    assert m["speedup"] == pytest.approx(m["tokens_per_s"] / m["hf_tokens_per_s"])
+
+
+@pytest.mark.parametrize("name, tbs", [("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0),
+                                       ("NVIDIA H100 NVL", 3.9), ("NVIDIA H200", 4.8), ("NVIDIA GH200 480GB", 4.0),
+                                       ("NVIDIA A100-SXM4-80GB", None), ("cpu (2 threads)", None)])
+def test_peak_bandwidth_from_name(name, tbs):
+    assert peak_bandwidth_tbs(name) == tbs
+
+
+def test_model_gb_counts_tied_weights_once(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+    params = sum(p.numel() * p.element_size() for p in tiny_model.parameters())  # parameters() dedupes too
+    buffers = sum(b.numel() * b.element_size() for b in tiny_model.buffers())
+    assert model_gb(tiny_model) == pytest.approx((params + buffers) / 1e9)
+
+
+def test_quantized_model_is_smaller(tiny_model):
+    before = model_gb(tiny_model)
+    assert model_gb(quantize_(tiny_model, RTNConfig(bits=4, group_size=32))) < 0.5 * before
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny", dtype=torch.float32)[0]
+
+
+@given(length=st.integers(1, 64), seed=st.integers(0, 100))
+def test_prompt_ids(tiny, length, seed):
+    ids = prompt_ids(tiny, length, seed=seed)
+    assert ids.shape == (1, length) and ids.dtype == torch.long
+    assert 0 <= ids.min() and ids.max() < tiny.config.vocab_size
+    assert torch.equal(ids, prompt_ids(tiny, length, seed=seed))
+
+
+def test_prompt_ids_from_tokenizer(embedded):
+    model, tok = embedded
+    ids = prompt_ids(model, 32, tok)
+    assert ids.shape == (1, 32) and "river" in tok.decode(ids[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(baseline="vllm"), "valid: 'hf'"),
+                                           (dict(new_tokens=1), "new_tokens >= 2"),
+                                           (dict(prompt_len=0), "prompt_len >= 1"),
+                                           (dict(runs=0), "runs >= 1")])
+def test_bad_input(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench(tiny_model, **kwargs)

@@ -99,3 +99,13 @@ def test_cli_drop_all_layers_is_a_clean_error(capsys):
 
     assert main(["drop", "--model", "random:tiny", "--layers", "2", "--nsamples", "2", "--seqlen", "8"]) == 2
     assert "fastllama: error: cannot drop 2 layers of 2" in capsys.readouterr().err
+
+
+def test_dropped_model_saves_and_loads_exactly(deep, tmp_path):
+    from fastllama.checkpoint import load, save
+
+    drop_layers(deep, 2, CALIB)
+    save(deep, tmp_path, recipe="drop:layers=2")
+    loaded, _ = load(tmp_path)
+    assert len(loaded.model.layers) == loaded.config.num_hidden_layers == 3
+    assert torch.equal(_logits(loaded), _logits(deep))

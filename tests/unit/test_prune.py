@@ -206,3 +206,23 @@ def test_pruning_a_quantized_model_keeps_it_quantized_and_smaller(tiny_model, bi
 
 def _state_bytes(model):
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("dim", ["input", "output", "mlp", "heads"])
+def test_pruned_model_saves_and_loads_exactly(tiny_model, tmp_path, dim):
+    from fastllama.checkpoint import load, save
+
+    prune_model(tiny_model, 0.5, dim=dim)
+    save(tiny_model, tmp_path, recipe=f"prune:{dim}=0.5")
+    loaded, _ = load(tmp_path)
+    assert torch.equal(_logits(loaded), _logits(tiny_model))
+    assert _state_bytes(loaded) == _state_bytes(tiny_model)
+
+
+def test_cli_prune_out_loads_back(tmp_path):
+    from fastllama.checkpoint import load
+    from fastllama.cli import main
+
+    assert main(["prune", "--model", "random:tiny", "--dim", "heads", "--amount", "0.5", "--out", str(tmp_path)]) == 0
+    model, _ = load(tmp_path)
+    assert model.config.num_key_value_heads == 1 and model.model.layers[0].self_attn.k_proj.out_features == 32

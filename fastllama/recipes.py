@@ -1,0 +1,195 @@
+"""Recipes: a compression as a sequence of steps, written as text; `compress` applies them in order.
+
+A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset name):
+
+    gptq:bits=4,group=128,act_order=false,damp=0.01,lm_head=false   GPTQ (calibration)
+    rtn:bits=4,group=128,lm_head=false                              round-to-nearest, the baseline
+    int8wo:lm_head=false                                            int8 weight-only, per output channel
+    prune:input=0.10,importance=l1                                  one of input/output/mlp/heads = the fraction
+                                                                    pruned; importance l1 or act (calibration)
+    drop:layers=4                                                   drop the 4 most redundant layers (calibration)
+    cast:dtype=bf16                                                 cast the float weights (bf16, fp16, fp32)
+
+Quantize-then-prune is one recipe, e.g. `gptq:bits=4,group=128 + prune:input=0.10`: the pruned linears stay
+quantized (see fastllama.nn). Omitted keys take their defaults; presets (PRESETS) may be combined with steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_
+from .models import resolve_dtype
+from .nn import check_amount
+from .prune import DIMS, IMPORTANCE
+
+PRESETS = {  # the reference study's recipes, and a few more
+    "bf16": "cast:dtype=bf16",
+    "gptq4": "gptq:bits=4,group=128",
+    "gptq8": "gptq:bits=8",
+    "gptq4-prune-in10": "gptq:bits=4,group=128 + prune:input=0.10",
+    "gptq8-prune-in35": "gptq:bits=8 + prune:input=0.35",
+    "prune-out01": "prune:output=0.01",
+    "int8wo": "int8wo",
+    "rtn4": "rtn:bits=4,group=128",
+    "rtn8": "rtn:bits=8",
+    "prune-mlp25": "prune:mlp=0.25",
+}
+
+
+@dataclass
+class PruneStep:
+    """Structured pruning (fastllama.prune.prune_model)."""
+
+    dim: str  # input, output, mlp (coupled intermediate channels) or heads (coupled KV groups)
+    amount: float  # the fraction of channels removed
+    importance: str = "l1"  # l1 (weight norm) or act (weight times activation norm; needs calibration)
+
+    def __post_init__(self):
+        if self.dim not in DIMS:
+            raise ValueError(f"unknown pruning dim {self.dim!r}; valid: {', '.join(DIMS)}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"unknown importance {self.importance!r}; valid: {', '.join(IMPORTANCE)}")
+        check_amount(self.amount)
+
+
+@dataclass
+class DropStep:
+    """Decoder-layer dropping (fastllama.drop.drop_layers)."""
+
+    layers: int  # how many consecutive layers to drop
+
+    def __post_init__(self):
+        if self.layers < 0:
+            raise ValueError(f"drop:layers={self.layers} must be 0 or more")
+
+
+@dataclass
+class CastStep:
+    """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales)."""
+
+    dtype: str = "bf16"  # bf16, fp16 or fp32
+
+    def __post_init__(self):
+        resolve_dtype(self.dtype, "cpu")
+
+
+# step name -> (dataclass, {recipe key: field}); prune's amount is keyed by its dim (prune:input=0.1)
+STEPS: dict[str, tuple[type, dict[str, str]]] = {
+    "gptq": (GPTQConfig, {"bits": "bits", "group": "group_size", "act_order": "act_order", "damp": "damp",
+                          "lm_head": "lm_head"}),
+    "rtn": (RTNConfig, {"bits": "bits", "group": "group_size", "lm_head": "lm_head"}),
+    "int8wo": (Int8WeightOnlyConfig, {"lm_head": "lm_head"}),
+    "prune": (PruneStep, {"importance": "importance"}),
+    "drop": (DropStep, {"layers": "layers"}),
+    "cast": (CastStep, {"dtype": "dtype"}),
+}
+Step = GPTQConfig | RTNConfig | PruneStep | DropStep | CastStep
+
+
+@dataclass
+class Recipe:
+    """Steps applied in order by `compress`; `str()` gives the full recipe text, which parses back to it."""
+
+    steps: list[Step]  # quantization configs, PruneStep, DropStep, CastStep
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a step needs calibration tokens (GPTQ, activation-aware pruning, layer dropping)."""
+        return any(isinstance(s, (GPTQConfig, DropStep)) or getattr(s, "importance", None) == "act"
+                   for s in self.steps)
+
+    def __str__(self) -> str:
+        return " + ".join(_format_step(s) for s in self.steps)
+
+
+def _parse_value(text: str, kind: str, where: str):
+    """A recipe value as the field's type (int, float, bool or str)."""
+    try:
+        if kind == "bool":
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (KeyError, ValueError):
+        raise ValueError(f"{where}: {text!r} is not a valid {kind}"
+                         + ("; valid: true, false" if kind == "bool" else "")) from None
+
+
+def _parse_step(text: str) -> Step:
+    name, _, args = text.strip().partition(":")
+    if name not in STEPS:
+        raise ValueError(f"unknown recipe step {name!r} in {text.strip()!r}; valid steps: {', '.join(STEPS)}; "
+                         f"presets: {', '.join(PRESETS)}")
+    cls, keys = STEPS[name]
+    if name == "prune":
+        keys = {**keys, **{d: "amount" for d in DIMS}}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values, dims = {}, []
+    for pair in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = (t.strip() for t in pair.partition("="))
+        if key not in keys or not eq:
+            raise ValueError(f"bad {name} argument {pair!r}; valid keys: {', '.join(k + '=' for k in keys)}")
+        dims += [key] if key in DIMS else []
+        values[keys[key]] = _parse_value(value, types[keys[key]], f"{name}:{key}")
+    if name == "prune":
+        if len(dims) != 1:
+            raise ValueError(f"prune needs exactly one of {', '.join(d + '=AMOUNT' for d in DIMS)}, e.g. "
+                             f"prune:input=0.10; got {text.strip()!r}")
+        values["dim"] = dims[0]
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"{text.strip()!r} is missing a value; valid keys: "
+                         f"{', '.join(k + '=' for k in keys)}") from e
+
+
+def _format_step(step: Step) -> str:
+    name = next(n for n, (cls, _) in STEPS.items() if type(step) is cls)
+    keys = dict(STEPS[name][1])
+    if name == "prune":
+        keys = {step.dim: "amount", **keys}
+    if getattr(step, "bits", None) == 8:  # one scale per output channel: no group
+        keys.pop("group", None)
+    value = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    return f"{name}:" + ",".join(f"{k}={value(getattr(step, f))}" for k, f in keys.items())
+
+
+def parse_recipe(text: str) -> Recipe:
+    """A Recipe from its text: steps and presets joined by ` + ` (see the module docstring)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty recipe {text!r}; pass steps such as 'gptq:bits=4,group=128' or a preset: "
+                         f"{', '.join(PRESETS)}")
+    steps = []
+    for part in text.split("+"):
+        part = part.strip()
+        steps += [_parse_step(p) for p in PRESETS[part].split("+")] if part in PRESETS else [_parse_step(part)]
+    return Recipe(steps)
+
+
+def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None, tokenizer=None) -> nn.Module:
+    """Apply `recipe` (text or Recipe) to `model` in place, step by step; returns it.
+
+    `calib` (token ids [n, seqlen]) feeds the steps that need it; when it is None and one does, it is drawn
+    with `fastllama.data.calibration(tokenizer, model=model)` (C4, else text sampled from the model).
+    """
+    from .drop import drop_layers
+    from .prune import prune_model
+
+    recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    if calib is None and recipe.needs_calibration:
+        from .data import calibration
+
+        calib = calibration(tokenizer, model=model)
+    for step in recipe.steps:
+        if isinstance(step, RTNConfig):
+            quantize_(model, step, calib)
+        elif isinstance(step, PruneStep):
+            prune_model(model, step.amount, step.dim, step.importance, calib)
+        elif isinstance(step, DropStep):
+            drop_layers(model, step.layers, calib)
+        else:
+            model.to(resolve_dtype(step.dtype, "cpu"))
+    return model

@@ -1,0 +1,127 @@
+"""Recipe text: presets, steps, round trips through str(), clear errors; compress applies the steps in order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fastllama.gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig
+from fastllama.nn import PrunedInputLinear, QuantLinear
+from fastllama.recipes import PRESETS, CastStep, DropStep, PruneStep, Recipe, compress, parse_recipe
+
+pytestmark = pytest.mark.unit
+
+
+def test_presets_of_the_reference_study():
+    assert parse_recipe("gptq4").steps == [GPTQConfig(bits=4, group_size=128)]
+    assert parse_recipe("gptq8").steps == [GPTQConfig(bits=8)]
+    assert parse_recipe("gptq4-prune-in10").steps == [GPTQConfig(bits=4, group_size=128), PruneStep("input", 0.10)]
+    assert parse_recipe("gptq8-prune-in35").steps == [GPTQConfig(bits=8), PruneStep("input", 0.35)]
+    assert parse_recipe("prune-out01").steps == [PruneStep("output", 0.01)]
+    assert parse_recipe("int8wo").steps == [Int8WeightOnlyConfig()]
+    assert parse_recipe("bf16").steps == [CastStep("bf16")]
+    assert parse_recipe("drop:layers=3").steps == [DropStep(3)]
+    assert parse_recipe("rtn4").steps == [RTNConfig(bits=4, group_size=128)]
+
+
+def test_steps_with_keys_and_presets_combined():
+    recipe = parse_recipe("gptq:bits=4, group=64, act_order=true, lm_head=1 + prune:heads=0.25,importance=act + bf16")
+    assert recipe.steps == [GPTQConfig(bits=4, group_size=64, act_order=True, lm_head=True),
+                            PruneStep("heads", 0.25, "act"), CastStep("bf16")]
+    assert recipe.needs_calibration
+    assert not parse_recipe("rtn4 + prune:input=0.1").needs_calibration
+    assert parse_recipe("drop:layers=1").needs_calibration
+
+
+steps = st.one_of(
+    st.builds(GPTQConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
+              act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans()),
+    st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans()),
+    st.builds(Int8WeightOnlyConfig, lm_head=st.booleans()),
+    st.builds(PruneStep, dim=st.sampled_from(["input", "output", "mlp", "heads"]), amount=st.floats(0, 0.99),
+              importance=st.sampled_from(["l1", "act"])),
+    st.builds(DropStep, layers=st.integers(0, 40)),
+    st.builds(CastStep, dtype=st.sampled_from(["bf16", "fp16", "fp32"])),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(steps, min_size=1, max_size=4))
+def test_text_round_trips(step_list):
+    """str(recipe) is the full recipe text and parses back to the same steps (8-bit ignores its group)."""
+    recipe = Recipe(step_list)
+    again = parse_recipe(str(recipe))
+    assert str(again) == str(recipe)
+    for a, b in zip(again.steps, recipe.steps):
+        if getattr(b, "bits", 4) == 8:
+            a.group_size = b.group_size
+        assert a == b
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, cast; presets: bf16, gptq4"),
+    ("gptq:bits=3", "bits=3 is not supported; valid: 4"),
+    ("gptq:group=100", "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
+    ("gptq:bitz=4", "bad gptq argument 'bitz=4'; valid keys: bits=, group=, act_order=, damp=, lm_head="),
+    ("gptq:bits", "bad gptq argument 'bits'"),
+    ("gptq:bits=four", "gptq:bits: 'four' is not a valid int"),
+    ("gptq:act_order=maybe", "not a valid bool; valid: true, false"),
+    ("gptq:damp=0", "damp=0.0 must lie in"),
+    ("prune:importance=act", "prune needs exactly one of input=AMOUNT, output=AMOUNT, mlp=AMOUNT, heads=AMOUNT"),
+    ("prune:input=0.1,output=0.1", "prune needs exactly one of"),
+    ("prune:input=1.5", r"outside \[0, 1\)"),
+    ("prune:input=0.1,importance=wanda", "unknown importance 'wanda'; valid: l1, act"),
+    ("drop", "'drop' is missing a value; valid keys: layers="),
+    ("drop:layers=-1", "must be 0 or more"),
+    ("cast:dtype=int3", "unknown dtype 'int3'; valid:"),
+    ("", "empty recipe"),
+    ("gptq4 + ", "unknown recipe step ''"),
+])
+def test_bad_recipes_are_clear_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(text)
+
+
+def test_every_preset_parses():
+    for name in PRESETS:
+        assert parse_recipe(name).steps
+
+
+def test_compress_quantizes_then_prunes(tiny_model):
+    compress(tiny_model, "rtn:bits=4,group=32 + prune:input=0.25")
+    q = tiny_model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, PrunedInputLinear) and isinstance(q.inner, QuantLinear)
+    assert q.inner.in_features == 96  # three of four groups of 32 kept whole
+    assert torch.isfinite(tiny_model(torch.randint(0, 512, (1, 8))).logits).all()
+
+
+def test_compress_draws_calibration_when_needed(tiny_model, monkeypatch):
+    """Without calib, a step that needs it gets fastllama.data.calibration(tokenizer, model=model)."""
+    import fastllama.data
+
+    calls = []
+
+    def fake_calibration(tokenizer, model=None):
+        calls.append((tokenizer, model))
+        return torch.randint(0, 512, (2, 16))
+
+    monkeypatch.setattr(fastllama.data, "calibration", fake_calibration)
+    compress(tiny_model, "rtn4")
+    assert not calls
+    compress(tiny_model, "drop:layers=1", tokenizer="TOKENIZER")
+    assert calls == [("TOKENIZER", tiny_model)]
+    assert len(tiny_model.model.layers) == 1 and tiny_model.config.num_hidden_layers == 1
+
+
+def test_compress_gptq8_then_drop(tiny_model):
+    compress(tiny_model, "gptq:bits=8 + drop:layers=1", torch.randint(0, 512, (2, 16)))
+    assert len(tiny_model.model.layers) == 1
+    assert all(type(m) is not nn.Linear for m in tiny_model.model.layers.modules())
+
+
+def test_cast_step(tiny_model):
+    compress(tiny_model, "bf16")
+    assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16

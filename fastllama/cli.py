@@ -204,8 +204,38 @@ def _cmd_drop(args: argparse.Namespace) -> None:
     _save_compressed(args, model, tok, f"drop:layers={args.layers}", before)
 
 
+# ---------------------------------------------------------------- compress
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="apply a recipe (GPTQ, RTN, int8wo, pruning, layer dropping) and save the model")
+    _model_args(p)
+    p.add_argument("--recipe", required=True,
+                   help="steps joined by ' + ', e.g. 'gptq:bits=4,group=128 + prune:input=0.10', or a preset such as "
+                        "gptq4, gptq8, gptq4-prune-in10, int8wo (an unknown name lists them all)")
+    _calib_args(p)
+    p.add_argument("--out", required=True, help="directory to save the compressed model to (load it as --model DIR)")
+    p.set_defaults(func=_cmd_compress)
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    import time
+
+    from .recipes import compress, parse_recipe
+
+    recipe = parse_recipe(args.recipe)  # bad recipes fail before the model loads
+    model, tok = _load(args)
+    calib = None
+    if recipe.needs_calibration:
+        calib = _calib(args, model, tok)  # logs its source: the text given, C4, or samples of the model
+        print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from "
+              f"{args.calib or 'C4 if reachable, else text sampled from the model (see the log)'}")
+    before, start = _model_bytes(model), time.perf_counter()
+    compress(model, recipe, calib, tok)
+    print(f"compressed in {time.perf_counter() - start:.1f} s")
+    _save_compressed(args, model, tok, str(recipe), before)
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress]
 
 
 def build_parser() -> argparse.ArgumentParser:

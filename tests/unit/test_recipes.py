@@ -125,3 +125,40 @@ def test_compress_gptq8_then_drop(tiny_model):
 def test_cast_step(tiny_model):
     compress(tiny_model, "bf16")
     assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- the `fastllama compress` subcommand
+def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
+    from fastllama.checkpoint import load
+    from fastllama.cli import main
+
+    out = tmp_path / "m"
+    assert main(["compress", "--model", "random:tiny", "--recipe", "rtn:bits=4,group=32 + prune:input=0.25",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rtn:bits=4,group=32,lm_head=false + prune:input=0.25,importance=l1:" in printed and "MB ->" in printed
+    model, _ = load(out)
+    assert isinstance(model.model.layers[0].mlp.down_proj.inner, QuantLinear)
+
+
+def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys):
+    from fastllama.cli import main
+
+    assert main(["compress", "--model", "random:tiny", "--recipe", "gptq:bits=8", "--nsamples", "2", "--seqlen", "8",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert "calibration: 2 x 8 tokens from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "gptq:bits=5"], "bits=5 is not supported"),
+    (["--recipe", "nonsense"], "unknown recipe step 'nonsense'"),
+    (["--recipe", "gptq4", "--calib", "MISSING"], "needs a tokenizer"),
+])
+def test_cli_compress_bad_input_is_a_clean_error(tmp_path, capsys, argv, message):
+    from fastllama.cli import main
+
+    argv = [a.replace("MISSING", str(tmp_path / "missing.txt")) for a in argv]
+    assert main(["compress", "--model", "random:tiny", "--out", str(tmp_path / "m"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastllama: error:") and message in err
+    assert not (tmp_path / "m").exists()

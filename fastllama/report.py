@@ -71,7 +71,7 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         acc = "—" if r.race_acc is None else (
             f"{r.race_acc:.1%} ({r.race_ci[0]:.1%}–{r.race_ci[1]:.1%}, n={r.race_n})" if r.race_ci else f"{r.race_acc:.1%}")
         lines.append(f"| {r.recipe} | {_fmt(r.tpot_ms, '.2f')} | {_fmt(r.tokens_per_s, '.1f')} | "
-                     f"{_fmt(r.peak_mem_gb, '.3f')} | {acc} | {_fmt(r.ppl, '.2f')} | {_fmt(r.model_gb, '.3f')} | "
+                     f"{_fmt(r.peak_mem_gb, '.3g')} | {acc} | {_fmt(r.ppl, '.2f')} | {_fmt(r.model_gb, '.3g')} | "
                      f"{_fmt(r.speedup, '.2f')}{'' if r.speedup is None else '×'} |")
     notes = meta.get("notes") or []
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
@@ -137,9 +137,10 @@ def _meta(cfg: ReportConfig, device: str) -> dict:
     import transformers
 
     from . import __version__
+    from .bench import device_name
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
-    return {"model": cfg.model, "recipes": list(cfg.recipes), "device": device, "device_name": name,
+    return {"model": cfg.model, "recipes": list(cfg.recipes), "device": device,
+            "device_name": device_name(torch.device(device)), "machine": platform.machine(),
             "cpu_count": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "fastllama": __version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "notes": []}
@@ -159,33 +160,80 @@ def _check_folder(cfg: ReportConfig) -> None:
     owner.write_text(cfg.model + "\n")
 
 
-def _compressed(cfg: ReportConfig, name: str, recipe, base, tok, calib):
-    """The compressed model of `recipe`: from the cache under the output folder, or built and cached."""
-    from .checkpoint import load, save
-    from .recipes import compress
+def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> dict[str, Path]:
+    """Compress every recipe not cached yet, under out/models/<recipe>; returns name -> checkpoint folder.
 
-    cache = cfg.out / "models" / _slug(name)
-    if (cache / "fastllama.json").is_file() and not cfg.force:
-        log.info("%s: cached model %s", recipe, cache)
-        return load(cache, device=str(next(base.parameters()).device))[0], 0.0
-    t0 = time.perf_counter()
-    model = compress(copy.deepcopy(base), recipe, calib=calib, tokenizer=tok)
-    seconds = time.perf_counter() - t0
-    save(model, cache, tokenizer=tok, recipe=name)
-    return model, seconds
+    A recipe that extends another one of the run (gptq4-prune-in10 extends gptq4) starts from that one's
+    checkpoint, so each quantization runs once. The base model is loaded only if something needs building.
+    """
+    from .checkpoint import load, save
+    from .data import calibration
+    from .models import load_model
+    from .recipes import Recipe, compress
+
+    folders = {name: cfg.out / "models" / _slug(name) for name in names}
+    built = {str(r): folders[n] for n, r in zip(names, recipes)
+             if (folders[n] / "fastllama.json").is_file() and not cfg.force}
+    base = tok = calib = None
+    for name, recipe in zip(names, tqdm(recipes, desc="compress", unit="recipe")):
+        if str(recipe) in built:
+            folders[name] = built[str(recipe)]
+            continue
+        if base is None:
+            base, tok = load_model(cfg.model, device=device)
+        prefix = next((k for k in range(len(recipe.steps) - 1, 0, -1) if str(Recipe(recipe.steps[:k])) in built), 0)
+        if prefix:
+            log.info("%s: starting from the cached %s", name, Recipe(recipe.steps[:prefix]))
+            model = load(built[str(Recipe(recipe.steps[:prefix]))], device=device)[0]
+        else:
+            model = copy.deepcopy(base)
+        rest = Recipe(recipe.steps[prefix:])
+        if calib is None and rest.needs_calibration:
+            calib = calibration(tok, source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, model=base)
+        t0 = time.perf_counter()
+        model = compress(model, rest, calib=calib, tokenizer=tok)
+        log.info("%s: compressed in %.1f s", name, time.perf_counter() - t0)
+        save(model, folders[name], tokenizer=tok, recipe=str(recipe))
+        built[str(recipe)] = folders[name]
+        del model
+    return folders
+
+
+def measure(folder: Path, device: str, data: str | None, limit: int | None, prompt_len: int, new_tokens: int) -> dict:
+    """Bench, RACE and perplexity of one saved model. Runs in a fresh process (see run_report), so peak memory
+    belongs to this model alone: it is read right after the bench, before evaluation allocates its batches."""
+    from .bench import bench
+    from .checkpoint import load
+    from .data import load_race
+    from .evaluate import evaluate_race, perplexity
+
+    model, tok = load(folder, device=device)
+    m = bench(model, tok, prompt_len=prompt_len, new_tokens=new_tokens)
+    if tok is not None:
+        r = evaluate_race(model, tok, data=load_race(data, limit=limit))
+        m |= {"race": r.summary(), "ppl": perplexity(model, tok, (Path(__file__).parent / "data" / "ppl.txt").read_text())}
+    return m
+
+
+def _row(name: str, m: dict, device: str) -> Row:
+    race = m.pop("race", None)
+    return Row(name, tpot_ms=m["tpot_ms"], tokens_per_s=m["tokens_per_s"], ttft_ms=m["ttft_ms"],
+               peak_mem_gb=m["peak_mem_gb"] if device.startswith("cuda") else m["peak_rss_gb"], model_gb=m["model_gb"],
+               race_acc=race and race["acc"], race_ci=race and (race["ci_low"], race["ci_high"]),
+               race_n=race and race["n"], ppl=m.pop("ppl", None), extra=m)
 
 
 def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     """Measure every recipe of `cfg` on its model; write results.json, results.md and pareto.png under cfg.out."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
 
-    from .bench import bench
-    from .data import calibration, load_race
-    from .evaluate import evaluate_race, perplexity
-    from .models import load_model
     from .recipes import parse_recipe
 
-    recipes = [parse_recipe(r) for r in cfg.recipes]  # every recipe is checked before any work starts
+    names = list(cfg.recipes)
+    recipes = [parse_recipe(r) for r in names]  # every recipe is checked before any work starts
     _check_folder(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = _meta(cfg, device)
@@ -193,32 +241,22 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     done = {} if cfg.force or not partial.exists() else {r.recipe: r for r in read_rows(partial)}
     if done:
         log.info("resuming: %d finished recipe(s) from %s", len(done), partial)
+    folders = _build(cfg, names, recipes, device)
 
-    base, tok = load_model(cfg.model, device=device)
-    race = load_race(cfg.data, limit=cfg.limit) if tok is not None else None
-    text = (Path(__file__).parent / "data" / "ppl.txt").read_text()
-    calib = None
-    if tok is None:
-        meta["notes"].append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
     rows: list[Row] = []
-    for name, recipe in zip(cfg.recipes, tqdm(recipes, desc="recipes", unit="recipe")):
-        if name in done:
-            rows.append(done[name])
-            continue
-        if calib is None and recipe.needs_calibration:
-            calib = calibration(tok, source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, model=base)
-        model, seconds = _compressed(cfg, name, recipe, base, tok, calib)
-        m = bench(model, tok, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens)
-        row = Row(name, tpot_ms=m["tpot_ms"], tokens_per_s=m["tokens_per_s"], ttft_ms=m["ttft_ms"],
-                  peak_mem_gb=m["peak_mem_gb"] if device.startswith("cuda") else m["peak_rss_gb"],
-                  model_gb=m["model_gb"], extra={**m, "compress_s": seconds})
-        if tok is not None:
-            r = evaluate_race(model, tok, data=race)
-            row.race_acc, row.race_ci, row.race_n = r.acc, (r.ci_low, r.ci_high), r.n
-            row.ppl = perplexity(model, tok, text)
-        rows.append(row)
+    spawn = multiprocessing.get_context("spawn")
+    for name in tqdm(names, desc="measure", unit="recipe"):
+        if name not in done:
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process: honest peak memory
+                m = pool.submit(measure, folders[name], device, cfg.data, cfg.limit, cfg.prompt_len,
+                                cfg.new_tokens).result()
+            done[name] = _row(name, m, device)
+        rows.append(done[name])
         write_results(cfg.out, rows, meta, name=partial.name)
-        del model
+    if rows[0].race_acc is None:
+        meta["notes"].append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
+    meta["notes"].append("peak memory: " + ("torch.cuda.max_memory_allocated during decode" if device.startswith("cuda")
+                                            else "peak RSS of a fresh process that loads the model and decodes"))
 
     base_tps = rows[0].tokens_per_s
     for r in rows:

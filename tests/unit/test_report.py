@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fastllama.report import ReportConfig, Row, _check_folder, _pareto_front, plot_pareto, read_rows, to_markdown, write_results
+from fastllama.report import (ReportConfig, Row, _check_folder, _pareto_front, plot_pareto, read_rows, run_report,
+                              to_markdown, write_results)
 
 pytestmark = pytest.mark.unit
 
@@ -21,8 +22,8 @@ def test_markdown_table_has_the_reference_columns_and_values():
     md = to_markdown(ROWS, {"model": "m", "device_name": "cpu", "notes": ["a note"]}).splitlines()
     assert md[0] == "# fastllama report: m on cpu"
     assert md[2].startswith("| recipe | median latency (ms/token) | tokens/s | peak memory (GB) | RACE acc (95% CI) |")
-    assert md[4] == "| bf16 | 30.00 | 33.3 | 6.500 | 69.0% (66.0%–72.0%, n=1000) | 8.10 | 6.400 | 1.00× |"
-    assert md[6] == "| gptq4-prune-in10 | 12.00 | 83.3 | 2.500 | 53.0% | — | 2.100 | — |"
+    assert md[4] == "| bf16 | 30.00 | 33.3 | 6.5 | 69.0% (66.0%–72.0%, n=1000) | 8.10 | 6.4 | 1.00× |"
+    assert md[6] == "| gptq4-prune-in10 | 12.00 | 83.3 | 2.5 | 53.0% | — | 2.1 | — |"
     assert md[-1] == "- a note"
 
 
@@ -51,3 +52,25 @@ def test_folder_of_another_model_is_refused_unless_forced(tmp_path):
         _check_folder(ReportConfig(model="b", out=tmp_path))
     _check_folder(ReportConfig(model="b", out=tmp_path, force=True))
     assert (tmp_path / "model.txt").read_text().strip() == "b"
+
+
+def test_report_end_to_end_on_tiny_caches_models_and_resumes(tmp_path):
+    cfg = ReportConfig(model="random:tiny", recipes=("bf16", "rtn4 + prune:input=0.25"), out=tmp_path, prompt_len=8,
+                       new_tokens=4, device="cpu")
+    rows, meta = run_report(cfg)
+    assert [r.recipe for r in rows] == ["bf16", "rtn4 + prune:input=0.25"]
+    assert all(r.tokens_per_s > 0 and r.model_gb > 0 and r.peak_mem_gb > 0 for r in rows)
+    assert rows[1].model_gb < rows[0].model_gb  # 4-bit and pruned linears, against bf16
+    assert rows[0].speedup == 1.0 and rows[0].race_acc is None  # no tokenizer: no RACE
+    assert read_rows(tmp_path / "results.json") == rows
+    assert "| rtn4 + prune:input=0.25 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "results.partial.json").exists()
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "models").rglob("model.safetensors")}
+    assert len(cached) == 2
+
+    # an interrupted run: the finished recipe's row survives, the rest is measured; nothing is re-quantized
+    write_results(tmp_path, [Row("bf16", tpot_ms=123.0, tokens_per_s=1.0, model_gb=1.0)], meta, "results.partial.json")
+    again, _ = run_report(cfg)
+    assert again[0].tpot_ms == 123.0 and again[1].tokens_per_s > 0
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached

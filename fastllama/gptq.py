@@ -94,6 +94,8 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
         if config.lm_head:
             _untie(model)
             model.lm_head = _rtn(model.lm_head, config)
+    if config.bits == 4:
+        _log_group_fallbacks(model, config)
     log.info("quantized to %d bits (%s) in %.1f s", config.bits, type(config).__name__, time.perf_counter() - start)
     return model
 
@@ -105,14 +107,19 @@ def _linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def _group(linear: nn.Linear, config: RTNConfig) -> int:
-    """The group size for `linear`: the config's, or the largest kernel group dividing in_features (logged)."""
-    if config.bits == 8:
-        return linear.in_features
-    group = int4_group_for(linear.in_features, config.group_size)
-    if group != config.group_size:
-        log.info("in_features=%d is not divisible by group_size=%d: using group_size=%d", linear.in_features,
-                 config.group_size, group)
-    return group
+    """The group size for `linear`: the config's, or the largest kernel group dividing in_features."""
+    return linear.in_features if config.bits == 8 else int4_group_for(linear.in_features, config.group_size)
+
+
+def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
+    """Say once per width which linears got a smaller group than asked (it is recorded in their spec)."""
+    fallbacks: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bits == 4 and m.group_size != config.group_size:
+            fallbacks[m.in_features, m.group_size] = fallbacks.get((m.in_features, m.group_size), 0) + 1
+    for (in_features, group), count in fallbacks.items():
+        log.info("in_features=%d is not divisible by group_size=%d: used group_size=%d (%d linears)", in_features,
+                 config.group_size, group, count)
 
 
 def _rtn(linear: nn.Linear, config: RTNConfig) -> QuantLinear:

@@ -110,7 +110,7 @@ def test_group_falls_back_to_one_dividing_in_features(caplog):
     with caplog.at_level(logging.INFO, logger="fastllama.gptq"):
         quantize_(model, RTNConfig(bits=4, group_size=128))
     assert model.model.layers[0][0].group_size == 64
-    assert "in_features=576 is not divisible by group_size=128: using group_size=64" in caplog.text
+    assert "in_features=576 is not divisible by group_size=128: used group_size=64 (1 linears)" in caplog.text
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -154,7 +154,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for
-    8-bit, whose group is the whole row), ready for `QuantLinear.set_values`.
+    8-bit, whose group is the whole row), ready for `QuantLinear.from_values`.
     """
     W = weight.detach().float().clone()
     H = H.float().clone()
@@ -202,12 +202,9 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
 
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
     group = _group(linear, config)
-    module = QuantLinear(linear.in_features, linear.out_features, config.bits, group, linear.bias is not None,
-                         linear.weight.device)
     q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
                                      config.block_size)
-    module.set_values(q, scales, zeros, linear.bias)
-    return module
+    return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
 
 # ---------------------------------------------------------------- GPTQ over the decoder
@@ -242,8 +239,8 @@ def _forward(layer: nn.Module, inputs: list[tuple[Tensor, dict]]) -> list[tuple[
     return outs
 
 
-def _hessians(module: nn.Module, linears: list[tuple[nn.Module, str, nn.Linear]], run) -> list[Tensor]:
-    """The Hessian of each linear's inputs while `run()` drives `module`."""
+def _hessians(linears: list[tuple[nn.Module, str, nn.Linear]], run) -> list[Tensor]:
+    """The Hessian of each linear's inputs while `run()` drives them."""
     hessians = [Hessian(linear) for _, _, linear in linears]
     handles = [linear.register_forward_hook(h) for (_, _, linear), h in zip(linears, hessians)]
     try:
@@ -259,7 +256,7 @@ def _gptq_model(model: nn.Module, config: GPTQConfig, calib: Tensor) -> None:
     inputs = _capture(model, calib, config.batch_size)
     for layer in tqdm(model.model.layers, desc=f"gptq{config.bits}", leave=False):
         linears = _linears(layer)
-        hessians = _hessians(layer, linears, lambda: _forward(layer, inputs))
+        hessians = _hessians(linears, lambda: _forward(layer, inputs))
         for (parent, name, linear), H in zip(linears, hessians):
             setattr(parent, name, _gptq(linear, H, config))
         inputs = _forward(layer, inputs)  # the next layer sees this layer's quantized outputs

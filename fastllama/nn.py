@@ -81,9 +81,20 @@ def top_blocks(score: Tensor, keep: int, block: int) -> Tensor:
     return (kept[:, None] * block + torch.arange(block, device=kept.device)).flatten()
 
 
+def is_prunable(module: nn.Module) -> bool:
+    """Whether `module` is an `nn.Linear` or a `QuantLinear` (anything with `select` and `dequantize`)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "select") and hasattr(module, "dequantize"))
+
+
 def _check_prunable(linear: nn.Module) -> None:
-    if not isinstance(linear, nn.Linear) and not hasattr(linear, "select"):
+    if not is_prunable(linear):
         raise ValueError(f"cannot prune a {type(linear).__name__}; valid: nn.Linear or QuantLinear")
+
+
+def float_weight(linear: nn.Module) -> Tensor:
+    """The [out, in] weight of an `nn.Linear` (detached, its dtype) or a `QuantLinear` (dequantized, float32)."""
+    _check_prunable(linear)
+    return linear.weight.detach() if isinstance(linear, nn.Linear) else linear.dequantize()
 
 
 def select(linear: nn.Module, dim: int, index: Tensor) -> nn.Module:
@@ -106,8 +117,7 @@ def select(linear: nn.Module, dim: int, index: Tensor) -> nn.Module:
 
 
 def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tensor:
-    _check_prunable(linear)
-    weight = linear.weight.detach() if isinstance(linear, nn.Linear) else linear.dequantize()
+    weight = float_weight(linear)
     score = l1_importance(weight, dim) if importance is None else importance.to(weight.device)
     if score.shape != (weight.shape[dim],):
         raise ValueError(f"importance has shape {tuple(score.shape)}; expected ({weight.shape[dim]},), "
@@ -115,8 +125,15 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
+class _Pruned(nn.Module):
+    """What the pruned linears share: `in_features`, `out_features` and a `keep` buffer, shown in the repr."""
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, kept={self.keep.numel()}, out_features={self.out_features}"
+
+
 @swap
-class PrunedInputLinear(nn.Module):
+class PrunedInputLinear(_Pruned):
     """`y = x[..., keep] @ W[:, keep].T + b`: a linear that keeps only some input channels.
 
     Equals `ln_structured(linear, "weight", amount, n=1, dim=1)` up to float rounding, holding only the kept
@@ -149,12 +166,9 @@ class PrunedInputLinear(nn.Module):
     def from_spec(cls, spec: dict) -> PrunedInputLinear:
         return cls(from_spec(spec["inner"]), torch.zeros(spec["kept"], dtype=torch.int64), spec["in_features"])
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, kept={self.keep.numel()}, out_features={self.out_features}"
-
 
 @swap
-class PrunedOutputLinear(nn.Module):
+class PrunedOutputLinear(_Pruned):
     """`y = zeros.index_copy(-1, keep, x @ W[keep].T) + b`: a linear that computes only some output channels.
 
     Equals `ln_structured(linear, "weight", amount, n=1, dim=0)` up to float rounding: that prunes the weight
@@ -191,9 +205,6 @@ class PrunedOutputLinear(nn.Module):
         inner = from_spec(spec["inner"])
         bias = torch.zeros(spec["out_features"]) if spec["bias"] else None
         return cls(inner, torch.zeros(spec["kept"], dtype=torch.int64), spec["out_features"], bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, kept={self.keep.numel()}, out_features={self.out_features}"
 
 
 # ------------------------------------------------------------------------------------------------ quantization
@@ -306,12 +317,19 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128) -> QuantLinear:
         """Round-to-nearest quantization of `linear` (min-max grids, see `quant_grid`)."""
-        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
-                     linear.weight.device)
-        w = linear.weight.detach().float().reshape(linear.out_features, -1, module.group_size)
+        group_size = linear.in_features if bits == 8 else group_size
+        check_quant_shape(linear.in_features, bits, group_size)
+        w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)
         scale, zero = quant_grid(w, bits)
         q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None])
-        module.set_values(q.flatten(1), scale, zero, linear.bias)
+        return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size)
+
+    @classmethod
+    def from_values(cls, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None, bits: int,
+                    group_size: int) -> QuantLinear:
+        """A QuantLinear of integer values q [out, in] on the grid (scales, zeros) [out, in/group_size]."""
+        module = cls(q.shape[1], q.shape[0], bits, group_size, bias is not None, q.device)
+        module.set_values(q, scales, zeros, bias)
         return module
 
     def set_values(self, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None) -> None:
@@ -377,10 +395,7 @@ class QuantLinear(nn.Module):
                                  "(see in_granularity); pass whole, aligned groups")
             groups = starts // self.group_size
             scales, zeros = scales[:, groups], zeros[:, groups]
-        q = q.index_select(dim, index)
-        module = QuantLinear(q.shape[1], q.shape[0], self.bits, self.group_size, bias is not None, q.device)
-        module.set_values(q, scales, zeros, bias)
-        return module
+        return QuantLinear.from_values(q.index_select(dim, index), scales, zeros, bias, self.bits, self.group_size)
 
     def spec(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,

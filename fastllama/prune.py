@@ -4,11 +4,13 @@
   holds only the kept weights (the reference study's semantics; see fastllama.nn).
 - `dim="mlp"` removes the same intermediate channels from gate and up (rows) and down (columns), and
   `dim="heads"` removes whole KV groups (a k/v head and the q heads that share it) from q, k, v (rows) and
-  o (columns). The linears are simply smaller `nn.Linear`s: nothing is gathered or scattered, the matmuls
-  shrink and the config is updated, so transformers' forward, `generate` and checkpoints just work.
+  o (columns), keeping the GQA ratio. The linears are simply smaller `nn.Linear`s (or `QuantLinear`s): nothing
+  is gathered or scattered, the matmuls shrink and the config is updated, so transformers' forward, `generate`
+  and checkpoints just work. Kept MLP channels are rounded to a multiple of MLP_MULTIPLE (see `mlp_keep_count`).
 
 Importance of a channel:
-- `l1`: the L1 norm of its weights (for coupled pruning, summed over every weight the channel owns).
+- `l1`: the L1 norm of its weights, exactly as `ln_structured` (for coupled pruning, summed over every weight
+  the channel owns: its gate and up rows and down column; its group's q, k, v rows and o columns).
 - `act`: Wanda-style, |W| times the L2 norm of the input activation it multiplies, gathered with forward
   hooks over `calib` token ids: input channel j scores ||W[:, j]||_1 * ||X_j||, output row i scores
   sum_j |W_ij| * ||X_j||; an MLP channel scores its down_proj column that way, a KV group its o_proj columns.
@@ -22,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .nn import PrunedInputLinear, PrunedOutputLinear, check_amount, n_keep, select, top_blocks, top_channels
+from .nn import (PrunedInputLinear, PrunedOutputLinear, check_amount, float_weight, is_prunable, n_keep, select,
+                 top_blocks, top_channels)
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 DIMS = ("input", "output", "mlp", "heads")
 IMPORTANCE = ("l1", "act")
 MLP_MULTIPLE = 64  # kept MLP channels are rounded to a multiple of this (when the width is one) for fast kernels
-
-
-def _weight(linear: nn.Module) -> Tensor:
-    return linear.weight.detach() if isinstance(linear, nn.Linear) else linear.dequantize()
-
-
-def _prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or hasattr(module, "dequantize")
 
 
 @torch.no_grad()
@@ -77,7 +72,7 @@ def _prune_linears(model: nn.Module, amount: float, dim: str, norms: dict[str, T
     modules = dict(model.named_modules())
     for name in tqdm(names, desc=f"prune {dim}", leave=False):
         linear = modules[name]
-        importance = None if norms is None else _score(_weight(linear), axis, norms[name])
+        importance = None if norms is None else _score(float_weight(linear), axis, norms[name])
         parent, _, leaf = name.rpartition(".")
         setattr(modules[parent] if parent else model, leaf, swap.from_linear(linear, amount, importance))
 
@@ -94,9 +89,9 @@ def mlp_keep_count(width: int, amount: float) -> int:
 
 def _prune_mlp(mlp: nn.Module, amount: float, norm: Tensor | None) -> int:
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    score = _score(_weight(down), 1, norm)
+    score = _score(float_weight(down), 1, norm)
     if norm is None:
-        score = score + _score(_weight(gate), 0, None) + _score(_weight(up), 0, None)
+        score = score + _score(float_weight(gate), 0, None) + _score(float_weight(up), 0, None)
     block = getattr(down, "in_granularity", 1)  # a quantized down_proj keeps whole groups of columns
     keep = top_blocks(score, max(1, mlp_keep_count(score.numel(), amount) // block), block)
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = select(gate, 0, keep), select(up, 0, keep), select(down, 1, keep)
@@ -106,10 +101,10 @@ def _prune_mlp(mlp: nn.Module, amount: float, norm: Tensor | None) -> int:
 
 def _prune_heads(attn: nn.Module, amount: float, norm: Tensor | None, n_kv: int, head_dim: int) -> int:
     rep = attn.q_proj.out_features // head_dim // n_kv  # q heads per KV head
-    score = _score(_weight(attn.o_proj), 1, norm).view(n_kv, -1).sum(1)
+    score = _score(float_weight(attn.o_proj), 1, norm).view(n_kv, -1).sum(1)
     if norm is None:
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            score = score + _score(_weight(proj), 0, None).view(n_kv, -1).sum(1)
+            score = score + _score(float_weight(proj), 0, None).view(n_kv, -1).sum(1)
     groups = top_channels(score, n_keep(n_kv, amount, "KV head groups"))
     kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
     q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim)).flatten()
@@ -137,18 +132,16 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
                          "e.g. fastllama.data.calibration(tokenizer, model=model)")
     targets = tuple(TARGETS if targets is None else targets)
     leaf = {"input": targets, "output": targets, "mlp": ("down_proj",), "heads": ("o_proj",)}[dim]
-    names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and _prunable(m)]
+    names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune; "
                          f"pass targets= with the names of its linears")
     norms = activation_norms(model, calib, names) if importance == "act" else None
+    modules, config = dict(model.named_modules()), getattr(model, "config", None)
+    blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
     if dim in ("input", "output"):
         _prune_linears(model, amount, dim, norms, names)
-        return model
-
-    modules, config = dict(model.named_modules()), model.config
-    blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
-    if dim == "mlp":
+    elif dim == "mlp":
         kept = {_prune_mlp(mlp, amount, None if norms is None else norms[name]) for name, mlp in blocks.items()}
         config.intermediate_size = kept.pop()
     else:

@@ -429,12 +429,16 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        expected = {k: v.shape for k, v in self.portable().items()}
+        groups = self.in_features // self.group_size
+        expected = {"qweight": (self.out_features, self.in_features // (2 if self.bits == 4 else 1)),
+                    "scales": (self.out_features, groups)}
+        expected |= {"zeros": (self.out_features, groups)} if self.bits == 4 else {}
+        expected |= {} if self.bias is None else {"bias": (self.out_features,)}
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         missing_keys.extend(prefix + k for k in expected if k not in mine)
         unexpected_keys.extend(prefix + k for k in mine if k not in expected)
         bad = [f"size mismatch for {prefix}{k}: the checkpoint has {tuple(mine[k].shape)}, the module expects "
-               f"{tuple(shape)}" for k, shape in expected.items() if k in mine and mine[k].shape != shape]
+               f"{tuple(shape)}" for k, shape in expected.items() if k in mine and tuple(mine[k].shape) != shape]
         error_msgs.extend(bad)
         if not bad and expected.keys() <= mine.keys():
             self._set_portable(mine, self.packed.device)

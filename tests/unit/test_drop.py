@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fastllama.drop import angular_distances, drop_layers
+from fastllama.generate import generate
 
 pytestmark = pytest.mark.unit
 
@@ -64,6 +65,7 @@ def test_generate_after_dropping(deep, cache):
     out = deep.generate(IDS, max_new_tokens=6, do_sample=False, cache_implementation=cache, pad_token_id=0)
     assert out.shape == (1, 16)
     torch.testing.assert_close(out[0, 10:], _logits(deep, out[:, :-1])[0, 9:].argmax(-1))
+    assert torch.equal(generate(deep, IDS, 6, compile=False), out)  # fastllama's static-cache decoder
 
 
 def test_zero_layers_is_a_no_op(deep):

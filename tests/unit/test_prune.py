@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
+from fastllama.generate import generate
 from fastllama.nn import PrunedInputLinear, PrunedOutputLinear
 from fastllama.prune import MLP_MULTIPLE, TARGETS, activation_norms, mlp_keep_count, prune_model
 
@@ -123,6 +124,7 @@ def test_generate_after_pruning(tiny_model, dim, cache):
                               pad_token_id=0)
     assert out.shape == (1, 18)
     torch.testing.assert_close(out[0, 12:], _logits(tiny_model, out[:, :-1])[0, 11:].argmax(-1))
+    assert torch.equal(generate(tiny_model, IDS[:1], 6, compile=False), out)  # fastllama's static-cache decoder
 
 
 @given(width=st.integers(1, 4096), amount=st.floats(0, 0.99))

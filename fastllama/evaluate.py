@@ -154,7 +154,8 @@ def evaluate_race(model, tokenizer, data: str | Path | Sequence[RaceExample] | N
     for ex in examples:
         context, continuations = PROMPTS[mode](ex)
         requests.append([_encode(tokenizer, context, c) for c in continuations])
-    scores = _loglikelihoods(model, requests, batch_size, max_length, [ex.id for ex in examples])
+    scores = _loglikelihoods(model, requests, [ex.article for ex in examples], batch_size, max_length,
+                             [ex.id for ex in examples])
     records = []
     for ex, s in zip(examples, scores):
         chosen = LETTERS[max(range(4), key=s.__getitem__)]
@@ -179,15 +180,17 @@ def _encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list
 
 
 @torch.inference_mode()
-def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], batch_size: int, max_length: int,
-                    ids: list[str]) -> list[list[float]]:
+def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], groups: list[str], batch_size: int,
+                    max_length: int, ids: list[str]) -> list[list[float]]:
     """For each request (the options of one question), the summed log-probability of each continuation.
 
-    A forward pass reads (context + continuation)[:-1]; options whose inputs are equal (one-token continuations
-    of one context, as in the letter mode) share it. Rows are sorted by length and right-padded: under a causal
-    mask the padding comes after every real token, so it changes nothing they see.
+    A continuation is read from the input (context + continuation)[:-1]. The inputs of one group (an article's
+    questions and options) share long prefixes, so they run as one prefix tree (see `_Tree`): the article once,
+    each question once, then each option. Every token sees exactly the tokens before it in its own input, at
+    the same positions, so the scores are those of running every input alone.
     """
-    rows: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}  # input -> (question, option, continuation)
+    trees: list[_Tree] = []
+    last_group = None
     for q, options in enumerate(requests):
         for o, (ctx, cont) in enumerate(options):
             if not cont:
@@ -198,24 +201,24 @@ def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], ba
                     log.warning("RACE question %s: prompt of %d tokens truncated from the front to max_length=%d",
                                 ids[q], len(full) - 1, max_length)
                 full = full[-(max_length + 1):]
-            rows.setdefault(tuple(full[:-1]), []).append((q, o, cont))
+            row = full[:-1]
+            if groups[q] != last_group or len(trees[-1].tokens) + trees[-1].new_tokens(row) > PACK_TOKENS:
+                trees.append(_Tree())
+                last_group = groups[q]
+            trees[-1].add(row, (q, o, cont))
+    trees.sort(key=lambda t: len(t.tokens), reverse=True)
     scores = [[0.0] * len(options) for options in requests]
     device = next(model.parameters()).device
-    order = sorted(rows, key=len, reverse=True)
-    for start in tqdm(range(0, len(order), batch_size), desc="RACE", leave=False):
-        batch = order[start:start + batch_size]
-        width = len(batch[0])
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, row in enumerate(batch):
-            input_ids[b, :len(row)] = torch.tensor(row)
-            mask[b, :len(row)] = 1
-        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    for start in tqdm(range(0, len(trees), batch_size), desc="RACE", leave=False):
+        batch = trees[start:start + batch_size]
+        tokens, positions, mask = _collate(batch, model.dtype)
+        hidden = model.get_decoder()(input_ids=tokens.to(device), position_ids=positions.to(device),
+                                     attention_mask=mask.to(device)).last_hidden_state
         b_idx, pos, targets, owners = [], [], [], []
-        for b, row in enumerate(batch):
-            for q, o, cont in rows[row]:  # the last len(cont) positions of the input predict the continuation
+        for b, tree in enumerate(batch):
+            for (q, o, cont), at in tree.reads:
                 b_idx += [b] * len(cont)
-                pos += range(len(row) - len(cont), len(row))
+                pos += at
                 targets += cont
                 owners += [(q, o)] * len(cont)
         logits = model.get_output_embeddings()(hidden[b_idx, pos]).float()
@@ -223,3 +226,59 @@ def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], ba
         for (q, o), lp in zip(owners, logp):
             scores[q][o] += lp
     return scores
+
+
+PACK_TOKENS = 2048  # the most tokens in one prefix tree (an input longer than that gets a tree of its own)
+
+
+class _Tree:
+    """Token sequences that share prefixes, stored once as a tree and flattened in insertion order.
+
+    A token's position is its depth, and it attends to itself and its ancestors only: for each input, exactly
+    the causal attention of running that input alone.
+    """
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.positions: list[int] = []  # depth in the tree: the token's index in its input
+        self.parents: list[int] = []  # flat index of the parent, -1 at a root
+        self.reads: list[tuple[tuple, list[int]]] = []  # ((question, option, continuation), flat indices to read)
+        self._children: dict[tuple[int, int], int] = {}  # (parent, token) -> flat index
+
+    def new_tokens(self, row: list[int]) -> int:
+        """How many tokens adding `row` would append (those beyond its longest prefix already in the tree)."""
+        node = -1
+        for n, token in enumerate(row):
+            node = self._children.get((node, token), -2)
+            if node == -2:
+                return len(row) - n
+        return 0
+
+    def add(self, row: list[int], reader: tuple[int, int, list[int]]) -> None:
+        """Add `row`; its last len(continuation) tokens predict the reader's continuation."""
+        path, node = [], -1
+        for token in row:
+            child = self._children.get((node, token))
+            if child is None:
+                child = self._children[node, token] = len(self.tokens)
+                self.tokens.append(token)
+                self.positions.append(len(path))
+                self.parents.append(node)
+            path.append(node := child)
+        self.reads.append((reader, path[len(row) - len(reader[2]):]))
+
+
+def _collate(trees: list[_Tree], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded tokens and positions [B, L], and the additive tree-attention mask [B, 1, L, L]."""
+    width = max(len(t.tokens) for t in trees)
+    tokens = torch.zeros(len(trees), width, dtype=torch.long)
+    positions = torch.zeros(len(trees), width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)  # padding sees only itself
+    for b, tree in enumerate(trees):
+        tokens[b, :len(tree.tokens)] = torch.tensor(tree.tokens)
+        positions[b, :len(tree.tokens)] = torch.tensor(tree.positions)
+        for i, parent in enumerate(tree.parents):  # parents come first: a token sees what its parent sees
+            if parent >= 0:
+                allowed[b, i] |= allowed[b, parent]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return tokens, positions, mask[:, None]

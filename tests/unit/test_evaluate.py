@@ -140,15 +140,37 @@ def test_letter_scoring_picks_the_forced_letter(tiny_model, letter):
     assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(2, 8))
 
 
+def _plain_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    """The reference: one unpadded, unpacked forward pass over context + continuation."""
+    from fastllama.evaluate import _encode
+
+    ctx, cont = _encode(tokenizer, context, continuation)
+    ids = torch.tensor(ctx + cont)
+    with torch.inference_mode():
+        logp = model(ids[None, :-1]).logits[0].log_softmax(-1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
 @pytest.mark.parametrize("mode", ["letter", "lm-eval"])
-def test_batched_scores_equal_one_by_one(tiny_model, mode):
-    examples = _examples(11, seed=1)  # varied lengths: padding in every batch
-    one = evaluate_race(tiny_model, CharTokenizer(), examples, mode=mode, batch_size=1)
-    many = evaluate_race(tiny_model, CharTokenizer(), examples, mode=mode, batch_size=5)
-    for a, b in zip(one.records, many.records):
-        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-3)
-        assert a["chosen"] == b["chosen"]
-    assert one.agreement(many) == 1.0
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_packed_batched_scores_equal_plain_forward(tiny_model, mode, batch_size, monkeypatch):
+    """Articles shared by several questions (one prefix tree), varied lengths (padding in each batch), and a
+    small tree limit (one article split over several trees): each score equals a plain forward pass."""
+    import fastllama.evaluate as ev
+
+    monkeypatch.setattr(ev, "PACK_TOKENS", 120)
+    base = _examples(9, seed=1)
+    examples, prior = [], ()
+    for i, ex in enumerate(base):  # three articles with three questions each, lm-eval's prior answers included
+        article = base[i - i % 3].article
+        prior = () if i % 3 == 0 else prior + ((examples[-1].question, examples[-1].options[0]),)
+        examples.append(RaceExample(article, ex.question, ex.options, ex.answer, id=str(i), prior=prior))
+    tok = CharTokenizer()
+    result = evaluate_race(tiny_model, tok, examples, mode=mode, batch_size=batch_size)
+    for ex, record in zip(examples, result.records):
+        context, continuations = ev.PROMPTS[mode](ex)
+        expected = [_plain_loglik(tiny_model, tok, context, c) for c in continuations]
+        assert record["loglik"] == pytest.approx(expected, abs=2e-3)
 
 
 def test_long_prompts_are_truncated_with_a_warning(tiny_model, caplog):

@@ -234,8 +234,125 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     _save_compressed(args, model, tok, str(recipe), before)
 
 
+# ---------------------------------------------------------------- eval
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="RACE accuracy or perplexity of a model, optionally compressed by a recipe first")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    race = tasks.add_parser("race", help="RACE reading-comprehension accuracy with its 95%% Wilson interval")
+    ppl = tasks.add_parser("ppl", help="perplexity over a text file, in strided windows")
+    for q in (race, ppl):
+        _model_args(q)
+        q.add_argument("--recipe", default=None, help="compress with this recipe before evaluating (e.g. gptq4)")
+        _calib_args(q)
+    race.add_argument("--data", default=None, help="RACE .jsonl/.parquet (default: ehovy/race high test if the hub "
+                                                   "is reachable, else the shipped sample)")
+    race.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
+                      help="letter: pick A-D after 'Answer:' (default); lm-eval: the harness's race prompt, option texts")
+    race.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded subset of N questions")
+    race.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    race.add_argument("--json", default=None, help="write the result (and per-question records) to this JSON file")
+    race.set_defaults(func=_cmd_eval_race)
+    ppl.add_argument("--text-file", default=None, help="text to score (default: the shipped fastllama/data/ppl.txt)")
+    ppl.add_argument("--window", type=int, default=512, help="tokens the model sees per step (default 512)")
+    ppl.add_argument("--stride", type=int, default=256, help="new tokens scored per step (default 256)")
+    ppl.set_defaults(func=_cmd_eval_ppl)
+
+
+def _load_with_recipe(args: argparse.Namespace):
+    """The model of --model, compressed by --recipe when one is given (calibrated per --calib)."""
+    if args.recipe is None:
+        return _load(args)
+    from .recipes import compress, parse_recipe
+
+    recipe = parse_recipe(args.recipe)  # a bad recipe fails before the model loads
+    model, tok = _load(args)
+    compress(model, recipe, _calib(args, model, tok) if recipe.needs_calibration else None, tok)
+    return model, tok
+
+
+def _cmd_eval_race(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from .evaluate import evaluate_race
+
+    model, tok = _load_with_recipe(args)
+    start = time.perf_counter()
+    result = evaluate_race(model, tok, args.data, mode=args.mode, limit=args.limit, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    print(f"RACE ({result.mode}) {args.model}{' + ' + args.recipe if args.recipe else ''}: "
+          f"acc {result.acc:.3f}  95% CI [{result.ci_low:.3f}, {result.ci_high:.3f}]  n={result.n}  ({seconds:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "recipe": args.recipe, "data": args.data, **result.summary(),
+                       "seconds": round(seconds, 1), "records": result.records}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .data import PPL_TEXT
+    from .evaluate import perplexity
+
+    path = Path(args.text_file or PPL_TEXT)
+    if not path.is_file():
+        raise FileNotFoundError(f"no text file at {path}; pass --text-file with an existing file")
+    model, tok = _load_with_recipe(args)
+    ppl = perplexity(model, tok, path.read_text(encoding="utf-8"), window=args.window, stride=args.stride)
+    print(f"perplexity {args.model}{' + ' + args.recipe if args.recipe else ''} on {path}: {ppl:.3f}")
+
+
+# ---------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="decode speed and memory (tokens/s, TTFT, peak memory), optionally against "
+                                     "plain transformers generate")
+    _model_args(p)
+    p.add_argument("--recipe", default=None, help="compress with this recipe first (e.g. gptq4, int8wo)")
+    p.add_argument("--rtn", action="store_true", help="run GPTQ steps as round-to-nearest on the same grid: the same "
+                                                      "kernels and bytes, so the same speed, without calibration "
+                                                      "(always on for random:* models)")
+    _calib_args(p)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate per run (default 256)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--baseline", default=None, choices=["hf"], help="hf: also time plain generate, same model")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the decode step (auto: on a GPU, with CUDA graphs; off on the CPU)")
+    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench import bench, speed_recipe
+    from .recipes import compress, parse_recipe
+
+    recipe, swapped = None, False
+    if args.recipe:  # a bad recipe fails before the model loads
+        rtn = args.rtn or args.model.startswith("random:")
+        recipe, swapped = speed_recipe(args.recipe) if rtn else (parse_recipe(args.recipe), False)
+    model, tok = _load(args)
+    if recipe is not None:
+        if swapped:
+            print(f"note: GPTQ steps run as round-to-nearest with the same layout (speed does not depend on the "
+                  f"values): {recipe}")
+        calib = _calib(args, model, tok) if recipe.needs_calibration else None
+        compress(model, recipe, calib, tok)
+    metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
+                    compile={"auto": None, "on": True, "off": False}[args.compile])
+    metrics |= {"model": args.model, "recipe": str(recipe) if recipe else None}
+    for key, value in metrics.items():
+        print(f"{key:>20}  {value:.4g}" if isinstance(value, float) else f"{key:>20}  {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"wrote {args.json}")
+
+
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_eval, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

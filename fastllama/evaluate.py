@@ -49,7 +49,8 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, window: int = 512, st
                          f"got window={window}, stride={stride}; e.g. window=512, stride=256")
     if isinstance(text, str):
         if tokenizer is None:
-            raise ValueError("perplexity of a string needs a tokenizer; this model has none: pass token ids instead")
+            raise ValueError("perplexity of a text needs a tokenizer and this model has none (a random preset?); "
+                             "use a model spec with a tokenizer, or pass token ids")
         ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"])
     else:
         ids = torch.as_tensor(text).flatten()

@@ -231,3 +231,48 @@ def test_race_errors(tiny_model):
         evaluate_race(tiny_model, CharTokenizer(), _examples(1), batch_size=0)
     with pytest.raises(ValueError, match="0 <= correct <= n"):
         wilson_interval(3, 2)
+
+
+# ---------------------------------------------------------------- fastllama eval
+@pytest.fixture
+def cli_model(tiny_model, monkeypatch):
+    """`fastllama eval` on the tiny model with the character tokenizer (no download, no 20 s load)."""
+    import fastllama.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: (tiny_model, CharTokenizer()))
+    return cli
+
+
+def test_cli_eval_race_prints_and_writes_json(cli_model, tmp_path, capsys):
+    import json
+
+    from fastllama.data import load_race
+
+    data = tmp_path / "r.jsonl"
+    data.write_text("".join(json.dumps({"article": e.article, "question": e.question, "options": list(e.options),
+                                        "answer": e.answer}) + "\n" for e in _examples(6)))
+    out = tmp_path / "r.json"
+    assert cli_model.main(["eval", "race", "--data", str(data), "--mode", "lm-eval", "--limit", "4",
+                           "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RACE (lm-eval)" in printed and "95% CI [" in printed and "n=4" in printed
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 4 and saved["mode"] == "lm-eval" and len(saved["records"]) == 4
+    assert {r["id"] for r in saved["records"]} <= {e.id for e in load_race(data)}
+
+
+def test_cli_eval_ppl(cli_model, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    assert cli_model.main(["eval", "ppl", "--text-file", str(text), "--window", "64", "--stride", "32"]) == 0
+    ppl = float(capsys.readouterr().out.rsplit(":", 1)[1])
+    assert 1.0 < ppl < 10 * 512
+
+
+def test_cli_eval_errors(cli_model, tmp_path, capsys):
+    assert cli_model.main(["eval", "ppl", "--text-file", str(tmp_path / "none.txt")]) == 2
+    assert "no text file at" in capsys.readouterr().err
+    assert cli_model.main(["eval", "race", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert "no RACE file at" in capsys.readouterr().err
+    assert cli_model.main(["eval", "race", "--recipe", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err

@@ -159,10 +159,27 @@ def bench_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, runs: int = 3
     return _summarize(_repeat(lambda: _run_hf(model, ids, new_tokens), runs), new_tokens)
 
 
+def speed_recipe(recipe: str, lm_head: bool | None = None):
+    """`recipe` with each GPTQ step run as round-to-nearest on the same grid (bits, groups, head): the same
+    kernels, layout and bytes, so the same speed, without calibration. `lm_head` overrides the steps' head flag.
+    Returns (Recipe, whether anything was swapped)."""
+    from .gptq import GPTQConfig, RTNConfig
+    from .recipes import parse_recipe
+
+    parsed, swapped = parse_recipe(recipe), False
+    for i, step in enumerate(parsed.steps):
+        if isinstance(step, GPTQConfig):
+            parsed.steps[i], swapped = RTNConfig(step.bits, step.group_size, step.lm_head), True
+        if isinstance(parsed.steps[i], RTNConfig) and lm_head is not None:
+            parsed.steps[i].lm_head = lm_head
+    return parsed, swapped
+
+
 def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: int = 256, runs: int = 3,
-          baseline: str | None = None, compile: bool | None = None) -> dict:
+          baseline: str | None = None, compile: bool | None = None, decoder: Decoder | None = None) -> dict:
     """Every DESIGN.md metric of greedy batch-1 decoding on the fast path (see the module docstring).
 
+    `compile` as in `Decoder` (None: on a GPU only); pass a `decoder` to reuse one (its cache, compiled step).
     `baseline="hf"` adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and `speedup`
     (tokens/s over plain generate's), measured in this process on the same model.
     """
@@ -173,7 +190,10 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
                          f"new_tokens={new_tokens}, runs={runs}")
     ids = prompt_ids(model, prompt_len, tokenizer)
     device = ids.device
-    decoder = Decoder(model, prompt_len + new_tokens, compile=compile)
+    decoder = decoder or Decoder(model, prompt_len + new_tokens, compile=compile)
+    if decoder.max_len < prompt_len + new_tokens:
+        raise ValueError(f"the decoder holds {decoder.max_len} positions, fewer than prompt_len + new_tokens = "
+                         f"{prompt_len + new_tokens}; build it with a larger max_len")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

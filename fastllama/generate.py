@@ -22,6 +22,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm as one fused op (F.rms_norm) instead of its module's seven, in float32 as HF computes it."""
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+
+
 class Decoder:
     """A static-cache greedy decoder for a Llama-family `model`, for prompts + new tokens up to `max_len`."""
 
@@ -62,10 +67,11 @@ class Decoder:
         x = inner.embed_tokens(ids)
         cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
         for layer, (k_cache, v_cache) in zip(inner.layers, self.cache):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, pos, k_cache, v_cache)
-            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos,
+                                    k_cache, v_cache)
+            mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return self.model.lm_head(inner.norm(x[:, -1]))
+        return self.model.lm_head(_rms_norm(inner.norm, x[:, -1]))
 
     @staticmethod
     def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

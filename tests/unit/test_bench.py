@@ -3,6 +3,8 @@ device bandwidths come from names, model bytes count shared storage once, and ba
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -80,3 +82,25 @@ def test_prompt_ids_from_tokenizer(embedded):
 def test_bad_input(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         bench(tiny_model, **kwargs)
+
+
+def test_cli_bench_writes_every_metric(tmp_path, capsys):
+    from fastllama.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "random:tiny", "--recipe", "gptq4", "--prompt-len", "8", "--new-tokens", "4",
+                 "--runs", "1", "--baseline", "hf", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "round-to-nearest with the same layout" in printed  # random weights: GPTQ runs as RTN, and says so
+    metrics = json.loads(out.read_text())
+    assert set(METRICS) <= set(metrics) and metrics["speedup"] > 0
+    assert metrics["recipe"].startswith("rtn:bits=4")
+
+
+@pytest.mark.parametrize("argv, match", [(["--recipe", "gptq5"], "unknown recipe step"),
+                                         (["--new-tokens", "1"], "new_tokens >= 2")])
+def test_cli_bench_bad_input(argv, match, capsys):
+    from fastllama.cli import main
+
+    assert main(["bench", "--model", "random:tiny", *argv]) == 2
+    assert match in capsys.readouterr().err

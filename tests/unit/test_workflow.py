@@ -1,0 +1,55 @@
+"""The GPU perf workflow: its YAML parses, it runs on the self-hosted GPU runner, keeps the benchmark JSON, gates
+on budgets and median regressions, and the pytest command it runs works here on the CPU (collection only)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOW = ROOT / ".github" / "workflows" / "perf-gpu.yml"
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    assert workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as True
+    return workflow["jobs"]["perf"]
+
+
+def _pytest_line(job: dict) -> tuple[str, str]:
+    script = next(step["run"] for step in job["steps"] if "pytest" in step.get("run", ""))
+    return script, next(line.strip() for line in script.splitlines() if line.strip().startswith("python -m pytest"))
+
+
+def test_runs_on_the_gpu_runner(job):
+    assert job["runs-on"] == ["self-hosted", "gpu"]
+    assert any(step.get("uses", "").startswith("actions/checkout@") for step in job["steps"])
+    assert any("pip install -e" in step.get("run", "") for step in job["steps"])
+
+
+def test_gates_on_budgets_and_regressions(job):
+    script, line = _pytest_line(job)
+    assert "-m perf" in line and "--benchmark-json out.json" in line
+    assert "--benchmark-compare-fail=median:10%" in script  # against the stored baseline, when there is one
+    upload = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["with"]["path"] == "out.json" and upload["if"] == "always()"
+
+
+def test_its_pytest_command_works_on_cpu(job, tmp_path):
+    _, line = _pytest_line(job)
+    line = line.replace("$compare", "--benchmark-compare=0001 --benchmark-compare-fail=median:10%")
+    line = line.replace("file://tests/perf/baseline", f"file://{tmp_path / 'baseline'}")
+    argv = [sys.executable, *shlex.split(line)[1:]]  # "python" -> this interpreter
+    argv = [a.replace("out.json", str(tmp_path / "out.json")) for a in argv]
+    done = subprocess.run([*argv, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_decode_budget[" in done.stdout

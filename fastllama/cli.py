@@ -73,8 +73,7 @@ def _add_report(sub) -> None:
                    help=f"comma-separated recipe names or texts; the first is the base (default: {','.join(REFERENCE_RECIPES)})")
     p.add_argument("--data", default=None, help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
-    p.add_argument("--calib", default=None, help="calibration text file or folder (default: C4 if reachable, else model samples)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
+    _calib_args(p)
     p.add_argument("--new-tokens", type=int, default=64, help="decode tokens per bench run (default 64)")
     p.add_argument("--floor", type=float, default=0.50, help="accuracy floor drawn on the plot (default 0.50)")
     p.add_argument("--out", default="fastllama-report", help="output folder (default fastllama-report)")
@@ -89,7 +88,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
-                       device=args.device, calib=args.calib, nsamples=args.nsamples, new_tokens=args.new_tokens,
+                       device=args.device, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                       new_tokens=args.new_tokens,
                        floor=args.floor, force=args.force)
     rows, meta = run_report(cfg)
     print(to_markdown(rows, meta))
@@ -108,6 +108,7 @@ def _add_search(sub) -> None:
     p.add_argument("--data", default=None, help="RACE data (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
     p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance on the amount (default 0.01)")
+    _calib_args(p)
     p.add_argument("--json", default="search.json", help="where to save the table as JSON (default search.json)")
     p.set_defaults(func=_cmd_search)
 
@@ -116,14 +117,14 @@ def _cmd_search(args: argparse.Namespace) -> None:
     import copy
     import json
 
-    from .data import calibration, load_race
+    from .data import load_race
     from .search import search_pruning, search_table
 
     model, tok = _load(args)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: RACE accuracy needs a real model")
     race = load_race(args.data, limit=args.limit)
-    calib = calibration(tok, model=model)
+    calib = _calib(args, model, tok)
     results = [search_pruning(copy.deepcopy(model), tok, quant=q.strip(), dim=d.strip(), floor=args.floor,
                               floor_relative=args.floor_relative, importance=args.importance, race=race,
                               calib=calib, tol=args.tol)

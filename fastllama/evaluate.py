@@ -1,7 +1,7 @@
 """Judging a (compressed) model: RACE reading-comprehension accuracy, and perplexity over a text.
 
     evaluate_race(model, tokenizer, data)     accuracy with a 95% Wilson interval and per-question records
-    perplexity(model, tokenizer, text)        exp(mean NLL) in strided windows (Hugging Face's standard method)
+    perplexity(model, tokenizer, text)        exp(mean NLL) over a text, in strided windows
 
 RACE scoring compares the log-likelihood of four continuations of one prompt, in one of two modes:
 
@@ -151,6 +151,8 @@ def evaluate_race(model, tokenizer, data: str | Path | Sequence[RaceExample] | N
         examples = load_race(data, limit=limit, seed=seed)
     else:
         examples = subset(list(data), limit, seed)
+    if not examples:
+        raise ValueError("no RACE questions to evaluate: `data` is empty; pass examples or a RACE file")
     requests = []
     for ex in examples:
         context, continuations = PROMPTS[mode](ex)
@@ -209,7 +211,7 @@ def _loglikelihoods(model, requests: list[list[tuple[list[int], list[int]]]], gr
             trees[-1].add(row, (q, o, cont))
     trees.sort(key=lambda t: len(t.tokens), reverse=True)
     scores = [[0.0] * len(options) for options in requests]
-    device = next(model.parameters()).device
+    device = _device(model)
     for start in tqdm(range(0, len(trees), batch_size), desc="RACE", leave=False):
         batch = trees[start:start + batch_size]
         tokens, positions, mask = _collate(batch, model.dtype)

@@ -229,6 +229,8 @@ def test_race_errors(tiny_model):
         evaluate_race(tiny_model, None, _examples(1))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate_race(tiny_model, CharTokenizer(), _examples(1), batch_size=0)
+    with pytest.raises(ValueError, match="no RACE questions to evaluate"):
+        evaluate_race(tiny_model, CharTokenizer(), [])
     with pytest.raises(ValueError, match="0 <= correct <= n"):
         wilson_interval(3, 2)
 

@@ -50,6 +50,8 @@ class Decoder:
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._step = self.forward
         if self.compiled:
+            for t in (self.cos, self.sin, self.causal, *(t for kv in self.cache for t in kv)):
+                torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
 

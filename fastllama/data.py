@@ -26,6 +26,7 @@ RACE_SAMPLE = DATA_DIR / "race_sample.jsonl"  # the project's own RACE-format sa
 PPL_TEXT = DATA_DIR / "ppl.txt"  # the project's own prose for perplexity (not calibration text)
 
 C4_FILE = "en/c4-validation.00000-of-00008.json.gz"  # the shard GPTQ papers calibrate on
+RACE_HUB = "ehovy/race"  # RACE on the hub; its config "high", split "test" is RACE-H
 TEXT_SUFFIXES = (".txt", ".md")  # files read from a calibration folder
 LETTERS = "ABCD"
 
@@ -158,15 +159,19 @@ _RACE_FIELDS = ("article", "question", "options", "answer")
 
 
 def load_race(path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[RaceExample]:
-    """RACE questions from a local .jsonl/.parquet (fields article, question, options, answer), or with path=None
-    ehovy/race (high, test) when the hub is reachable, else the shipped sample (with a warning).
+    """RACE questions from a local .jsonl/.parquet (fields article, question, options, answer), from the hub
+    (path="ehovy/race": its high/test split), or with path=None the hub when it is reachable, else the shipped
+    sample (with a warning).
 
     Every row is validated; `limit` keeps a fixed subset of that many questions chosen with `seed`, in file order.
     """
-    if path is None and hub_reachable():
+    if path == RACE_HUB or (path is None and hub_reachable()):
+        if path == RACE_HUB and not hub_reachable():
+            raise ValueError(f"{RACE_HUB} needs the Hugging Face Hub, which is unreachable; download the high/test "
+                             "split elsewhere as .parquet or .jsonl and pass its path")
         from datasets import load_dataset
 
-        rows, where = list(load_dataset("ehovy/race", "high", split="test")), "ehovy/race (high, test)"
+        rows, where = list(load_dataset(RACE_HUB, "high", split="test")), f"{RACE_HUB} (high, test)"
     else:
         if path is None:
             log.warning("the hub is unreachable: evaluating on the shipped RACE-format sample %s, not RACE-H; "

@@ -1,4 +1,4 @@
-"""Accuracy fixtures: the reference recipes applied to the embedded model, each once per session."""
+"""Accuracy fixtures: the reference recipes applied to the embedded model, each built once per session."""
 
 from __future__ import annotations
 
@@ -20,15 +20,22 @@ def calib(embedded):
 
 @pytest.fixture(scope="session")
 def compressed(embedded, calib):
-    """recipe -> the embedded model compressed by it (a copy; built on first use, then reused)."""
-    from fastllama.recipes import compress
+    """recipe -> the embedded model compressed by it, built on first use and kept.
+
+    A recipe that extends a built one starts from a copy of it (gptq4-prune-in10 prunes the built gptq4),
+    so each GPTQ runs once per session.
+    """
+    from fastllama.recipes import compress, parse_recipe
 
     model, tok = embedded
-    models = {}
+    built = {"": model}  # recipe text -> model
 
     def get(recipe: str):
-        if recipe not in models:
-            models[recipe] = compress(copy.deepcopy(model), recipe, calib, tok)
-        return models[recipe]
+        steps = str(parse_recipe(recipe)).split(" + ")
+        done = max(k for k in range(len(steps) + 1) if " + ".join(steps[:k]) in built)
+        for k in range(done + 1, len(steps) + 1):  # build and keep every prefix, e.g. gptq4 then gptq4 + prune
+            parent = built[" + ".join(steps[:k - 1])]
+            built[" + ".join(steps[:k])] = compress(copy.deepcopy(parent), steps[k - 1], calib, tok)
+        return built[" + ".join(steps)]
 
     return get

@@ -82,14 +82,14 @@ def real():
     spec, race = os.environ.get("FASTLLAMA_MODEL"), os.environ.get("FASTLLAMA_RACE")
     if not (spec and race):
         pytest.skip("the real RACE-H gate needs FASTLLAMA_MODEL (a model spec, e.g. meta-llama/Llama-3.2-3B or a "
-                    "local directory) and FASTLLAMA_RACE (a RACE-H test .jsonl/.parquet, or 'hub' for ehovy/race); "
-                    "FASTLLAMA_RACE_MODE (letter or lm-eval) and FASTLLAMA_RACE_LIMIT are optional")
+                    "local directory) and FASTLLAMA_RACE (a RACE-H test .jsonl/.parquet, or ehovy/race for the hub); "
+                    "FASTLLAMA_RACE_MODE (letter, the default, or lm-eval) and FASTLLAMA_RACE_LIMIT are optional")
     from fastllama.models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(spec, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     limit = int(os.environ["FASTLLAMA_RACE_LIMIT"]) if os.environ.get("FASTLLAMA_RACE_LIMIT") else None
-    data = load_race(None if race == "hub" else race, limit=limit)
+    data = load_race(race, limit=limit)
     calib = calibration(tok, model=model, nsamples=128, seqlen=512)
     return model, tok, data, calib, os.environ.get("FASTLLAMA_RACE_MODE", "letter")
 

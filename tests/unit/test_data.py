@@ -120,7 +120,7 @@ def test_load_race_bad_row_names_file_row_and_field(tmp_path, row, match):
     assert str(path) in str(e.value)
 
 
-def test_load_race_file_errors(tmp_path):
+def test_load_race_file_errors(tmp_path, offline):
     with pytest.raises(FileNotFoundError, match="no RACE file at"):
         data.load_race(tmp_path / "none.jsonl")
     (tmp_path / "r.csv").write_text("x")
@@ -132,6 +132,8 @@ def test_load_race_file_errors(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="has no RACE rows"):
         data.load_race(tmp_path / "e.jsonl")
+    with pytest.raises(ValueError, match="ehovy/race needs the Hugging Face Hub, which is unreachable"):
+        data.load_race("ehovy/race")
     with pytest.raises(ValueError, match="limit must be a positive"):
         data.load_race(_write_jsonl(tmp_path / "ok.jsonl", [ROW]), limit=0)
 

@@ -65,7 +65,7 @@ def n_keep(n: int, amount: float, what: str = "channels") -> int:
 
 
 def l1_importance(weight: Tensor, dim: int) -> Tensor:
-    """The L1 norm of each input (dim=1) or output (dim=0) channel of a [out, in] weight, as ln_structured computes it."""
+    """The L1 norm of each input (dim=1) or output (dim=0) channel of a [out, in] weight, as ln_structured does."""
     return torch.norm(weight, p=1, dim=1 - dim)
 
 

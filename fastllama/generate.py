@@ -8,7 +8,8 @@ KV heads) and dropped layers just work; transformers' StaticCache sizes every la
 The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode (one token at `pos`):
 keys are written into the cache at their positions and attention reads the whole cache under a causal
 mask, so every decode step has the same shapes. That is what torch.compile with CUDA graphs
-(mode="reduce-overhead") needs on a GPU. Greedy output is token-identical to Hugging Face `generate`.
+(mode="reduce-overhead") needs on a GPU. Eager (the CPU default, measured fastest there once compile time
+counts), greedy output is token-identical to Hugging Face `generate`; the compiled step agrees up to rounding.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class Decoder:
 
     def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, compile: bool | None = None):
         """`compile=None` compiles the decode step on CUDA (CUDA graphs) and leaves it eager on CPU."""
+        inner = getattr(model, "model", None)
+        if not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            raise ValueError(f"Decoder needs a Llama-family causal LM (model.model.layers, model.model.rotary_emb); "
+                             f"got {type(model).__name__}: load it with fastllama.load_model")
         self.model, self.max_len = model, max_len
-        inner = model.model
         param = inner.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         with torch.no_grad():
@@ -53,6 +57,7 @@ class Decoder:
             for t in (self.cos, self.sin, self.causal, *(t for kv in self.cache for t in kv)):
                 torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
             mode = "reduce-overhead" if self.device.type == "cuda" else None
+            log.info("compiling the decode step (mode=%s): the first steps take a while", mode)
             self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
 
     def _buffers(self, attn: nn.Module, probe: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

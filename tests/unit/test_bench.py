@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastllama.bench import bench, model_gb, peak_bandwidth_tbs, prompt_ids
-from fastllama.gptq import RTNConfig, quantize_
+from fastllama.bench import bench, model_gb, peak_bandwidth_tbs, prompt_ids, speed_recipe
+from fastllama.gptq import GPTQConfig, RTNConfig, quantize_
 from fastllama.models import load_model
 
 pytestmark = pytest.mark.unit
@@ -54,6 +54,19 @@ def test_model_gb_counts_tied_weights_once(tiny_model):
 def test_quantized_model_is_smaller(tiny_model):
     before = model_gb(tiny_model)
     assert model_gb(quantize_(tiny_model, RTNConfig(bits=4, group_size=32))) < 0.5 * before
+
+
+@pytest.mark.parametrize("text, lm_head, expect, swapped", [
+    ("gptq4", None, "rtn:bits=4,group=128,lm_head=false", True),
+    ("gptq:bits=4,group=64,lm_head=true + prune:input=0.1", None,
+     "rtn:bits=4,group=64,lm_head=true + prune:input=0.1,importance=l1", True),
+    ("gptq8", True, "rtn:bits=8,lm_head=true", True),
+    ("int8wo", True, "int8wo:lm_head=true", False),
+    ("prune-mlp25", True, "prune:mlp=0.25,importance=l1", False)])
+def test_speed_recipe_runs_gptq_as_rtn_on_the_same_grid(text, lm_head, expect, swapped):
+    recipe, did = speed_recipe(text, lm_head)
+    assert (str(recipe), did) == (expect, swapped)
+    assert not any(isinstance(step, GPTQConfig) for step in recipe.steps) and not recipe.needs_calibration
 
 
 @pytest.fixture(scope="module")

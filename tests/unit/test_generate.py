@@ -153,6 +153,11 @@ def test_bad_input(tiny_model, shape, new, match):
         generate(tiny_model, torch.zeros(shape, dtype=torch.long), new)
 
 
+def test_not_a_llama():
+    with pytest.raises(ValueError, match="Llama-family causal LM"):
+        Decoder(torch.nn.Linear(4, 4), max_len=8)
+
+
 @pytest.mark.parametrize("batch, length", [(2, 4), (1, 30)])
 def test_input_that_does_not_fit_the_decoder(tiny_model, batch, length):
     decoder = Decoder(tiny_model, max_len=16, batch_size=1)

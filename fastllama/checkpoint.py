@@ -6,9 +6,10 @@
 fastllama.json holds the format version, the versions that wrote it, the recipe, the transformers config (which
 already records dropped layers and coupled-pruned widths), the float dtype, the spec of every linear
 (`fastllama.nn.to_spec`: its swap type, shapes, bits and per-layer group size), the keys of tied tensors
-(stored once), and the dtype of buffers that are rebuilt rather than stored (rotary frequencies). Loading builds the model from
-the config, swaps in an empty module wherever a spec differs from the freshly built one, and loads the
-safetensors file strictly. Quantized weights are stored portably (integers, scales, zeros) and packed for the
+(stored once), and the dtype of buffers that are rebuilt rather than stored (rotary frequencies).
+
+Loading builds the model from the config, swaps in an empty module wherever a spec differs from the freshly
+built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales, zeros) and packed for the
 device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
 """
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_

@@ -92,7 +92,8 @@ def test_quantize_swaps_every_decoder_linear(tiny_model, config):
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9
 
 
-@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=128, lm_head=True), Int8WeightOnlyConfig(lm_head=True)])
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=128, lm_head=True),
+                                    Int8WeightOnlyConfig(lm_head=True)])
 def test_lm_head_flag_unties_and_quantizes_the_head(tiny_model, config):
     embedding = tiny_model.model.embed_tokens.weight.detach().clone()
     quantize_(tiny_model, config, calib())

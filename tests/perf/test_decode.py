@@ -5,12 +5,14 @@ against budgets/cpu.json. Every metric of `fastllama.bench` goes into `benchmark
 `pytest -m perf --benchmark-json out.json` carries them; pytest-benchmark itself times whole `generate` calls
 (the figure `--benchmark-compare-fail=median:10%` gates on). Each budget is an assert whose message gives the
 measured and the budget value. Pruned recipes are compared with their parent's result from earlier in the run.
+FASTLLAMA_PERF_BUDGET=path/to/budget.json runs another budget file (same keys) instead.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def device_class() -> str:
 
 CLASS = device_class()
 DEVICE = "cpu" if CLASS == "cpu" else "cuda"
-BUDGET = json.loads((BUDGETS / f"{CLASS}.json").read_text())
+BUDGET = json.loads(Path(os.environ.get("FASTLLAMA_PERF_BUDGET") or BUDGETS / f"{CLASS}.json").read_text())
 RESULTS: dict[str, dict] = {}  # recipe name -> metrics, for the pruned recipes' comparisons with their parents
 
 

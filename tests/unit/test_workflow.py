@@ -3,6 +3,8 @@ on budgets and median regressions, and the pytest command it runs works here on 
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -53,3 +55,39 @@ def test_its_pytest_command_works_on_cpu(job, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "test_decode_budget[" in done.stdout
+
+
+def _tiny_budget(tmp_path: Path, min_speedup: float) -> Path:
+    budget = {"model": "random:tiny", "dtype": "float32", "prompt_len": 8, "new_tokens": 4, "runs": 1,
+              "compare": "speedup", "parent_ratio": 0.0,
+              "recipes": {"base": {"recipe": None, "min_speedup": min_speedup},
+                          "rtn4": {"recipe": "rtn:bits=4,group=32", "parent": "base"}}}
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps(budget))
+    return path
+
+
+def _run_perf(tmp_path: Path, budget: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTLLAMA_PERF_BUDGET": str(budget)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-m", "perf", "tests/perf", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-json", str(tmp_path / "out.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_perf_suite_records_every_metric(tmp_path):
+    """The suite itself on a tiny budget: parents before children, every metric in the benchmark JSON."""
+    done = _run_perf(tmp_path, _tiny_budget(tmp_path, min_speedup=0.0))
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = {b["extra_info"]["recipe"]: b for b in json.loads((tmp_path / "out.json").read_text())["benchmarks"]}
+    assert set(runs) == {"base", "rtn4"}
+    for name in ("tpot_ms", "ttft_ms", "tokens_per_s", "e2e_tokens_per_s", "peak_mem_gb", "nvml_mem_gb",
+                 "peak_rss_gb", "model_gb", "bandwidth_frac", "speedup"):
+        assert all(name in b["extra_info"] for b in runs.values()), name
+    assert runs["rtn4"]["extra_info"]["model_gb"] < runs["base"]["extra_info"]["model_gb"]
+    assert runs["base"]["stats"]["rounds"] == 1
+
+
+def test_perf_suite_fails_a_broken_budget_with_both_values(tmp_path):
+    done = _run_perf(tmp_path, _tiny_budget(tmp_path, min_speedup=1e6))
+    assert done.returncode == 1
+    assert "speedup over plain generate: measured" in done.stdout and "budget 1e+06" in done.stdout

@@ -70,6 +70,18 @@ def calibration(tokenizer, source: str | Path | None = None, nsamples: int = 128
     return _from_model(model, tokenizer, nsamples, seqlen, seed)
 
 
+@torch.no_grad()
+def run_calibration(model, calib: torch.Tensor, hooks: list, desc: str, batch_size: int = 8) -> None:
+    """Feed `calib` token ids [n, seqlen] through `model` in batches, with the hook `handles` attached; they are
+    removed afterwards, also on error. What the hooks record is the caller's result."""
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(calib.split(batch_size), desc=desc, leave=False):
+            model(batch.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
 def _windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
     """`nsamples` seeded random windows of `seqlen` tokens from one long 1-D token stream."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,7 +13,8 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .data import run_calibration
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ def angular_distances(model: nn.Module, calib: Tensor, n: int, batch_size: int =
 
     handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(record_last))
-    try:
-        device = next(model.parameters()).device
-        for batch in tqdm(calib.split(batch_size), desc="layer distances", leave=False):
-            model(batch.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, calib, handles, "layer distances", batch_size)
     h = torch.stack([torch.cat(s) for s in states])  # [layers + 1, nsamples, hidden]
     cos = torch.nn.functional.cosine_similarity(h[:-n], h[n:], dim=-1).clamp(-1, 1)
     return (torch.arccos(cos) / torch.pi).mean(1)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data import run_calibration
 from .nn import (PrunedInputLinear, PrunedOutputLinear, check_amount, float_weight, is_prunable, n_keep, select,
                  top_blocks, top_channels)
 
@@ -47,14 +48,8 @@ def activation_norms(model: nn.Module, calib: Tensor, names: list[str], batch_si
             sq[name] = sq.get(name, 0) + x.square().sum(0)
         return accumulate
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        device = next(model.parameters()).device
-        for batch in tqdm(calib.split(batch_size), desc="activations", leave=False):
-            model(batch.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(model, calib, [modules[n].register_forward_pre_hook(hook(n)) for n in names], "activations",
+                    batch_size)
     return {n: v.sqrt() for n, v in sq.items()}
 
 

@@ -71,8 +71,23 @@ def nvml_mem_gb(device: torch.device) -> float | None:
         pynvml.nvmlShutdown()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: VmHWM, via /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    """Peak RSS since the last `_reset_peak_rss` (or since the process started, where it cannot be reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 class _Clock:
@@ -197,13 +212,14 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = _reset_peak_rss()  # so peak_rss_gb is the peak while decoding, not while loading
     metrics = _summarize(_repeat(lambda: _run_fast(decoder, ids, new_tokens), runs), new_tokens)
     name = device_name(device)
     size, peak_tbs = model_gb(model), peak_bandwidth_tbs(name)
     metrics |= {
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "nvml_mem_gb": nvml_mem_gb(device),
-        "peak_rss_gb": _peak_rss_gb(),
+        "peak_rss_gb": _peak_rss_gb(), "peak_rss_scope": "decode" if rss_reset else "process",
         "model_gb": size,
         "bandwidth_frac": size * metrics["tokens_per_s"] / (peak_tbs * 1000) if peak_tbs else None,
         "device": name,

@@ -28,6 +28,7 @@ from .prune import DIMS, IMPORTANCE
 
 PRESETS = {  # the reference study's recipes, and a few more
     "bf16": "cast:dtype=bf16",
+    "fp32": "cast:dtype=fp32",  # the CPU's natural base (bf16 matmuls are slower there)
     "gptq4": "gptq:bits=4,group=128",
     "gptq8": "gptq:bits=8",
     "gptq4-prune-in10": "gptq:bits=4,group=128 + prune:input=0.10",

@@ -223,6 +223,11 @@ def _row(name: str, m: dict, device: str) -> Row:
                race_n=race and race["n"], ppl=m.pop("ppl", None), extra=m)
 
 
+def _init_worker(level: int) -> None:
+    """Log in the measuring process as in this one (a spawned process starts with logging unconfigured)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
 def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     """Measure every recipe of `cfg` on its model; write results.json, results.md and pareto.png under cfg.out."""
     import multiprocessing
@@ -247,7 +252,9 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     spawn = multiprocessing.get_context("spawn")
     for name in tqdm(names, desc="measure", unit="recipe"):
         if name not in done:
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process: honest peak memory
+            # a fresh process per recipe, so that peak memory is this model's alone
+            with ProcessPoolExecutor(1, mp_context=spawn, initializer=_init_worker,
+                                     initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
                 m = pool.submit(measure, folders[name], device, cfg.data, cfg.limit, cfg.prompt_len,
                                 cfg.new_tokens).result()
             done[name] = _row(name, m, device)
@@ -256,7 +263,7 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     if rows[0].race_acc is None:
         meta["notes"].append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
     meta["notes"].append("peak memory: " + ("torch.cuda.max_memory_allocated during decode" if device.startswith("cuda")
-                                            else "peak RSS of a fresh process that loads the model and decodes"))
+                                            else "peak RSS while decoding (reset after loading), in a fresh process per recipe"))
 
     base_tps = rows[0].tokens_per_s
     for r in rows:

@@ -8,7 +8,7 @@ import pytest
 
 from fastllama.data import calibration
 
-CALIB_SAMPLES, CALIB_SEQLEN = 32, 256  # small: C4 when the hub is reachable, else text sampled from the model
+CALIB_SAMPLES, CALIB_SEQLEN = 16, 256  # small: C4 when the hub is reachable, else text sampled from the model
 
 
 @pytest.fixture(scope="session")

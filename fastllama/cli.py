@@ -73,6 +73,8 @@ def _add_report(sub) -> None:
                    help=f"comma-separated recipe names or texts; the first is the base (default: {','.join(REFERENCE_RECIPES)})")
     p.add_argument("--data", default=None, help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
+    p.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
+                   help="RACE scoring: letter (A-D after 'Answer:', default) or lm-eval (each option's text)")
     _calib_args(p)
     p.add_argument("--new-tokens", type=int, default=64, help="decode tokens per bench run (default 64)")
     p.add_argument("--floor", type=float, default=0.50, help="accuracy floor drawn on the plot (default 0.50)")
@@ -88,6 +90,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
+                       mode=args.mode,
                        device=args.device, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                        new_tokens=args.new_tokens,
                        floor=args.floor, force=args.force)

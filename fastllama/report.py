@@ -30,6 +30,7 @@ class ReportConfig:
     out: Path = Path("fastllama-report")           # output folder: results, plot, cached compressed models
     data: str | None = None                         # RACE data (None: the hub if reachable, else the shipped sample)
     limit: int | None = None                        # RACE questions (a fixed seeded subset); None: all
+    mode: str = "letter"                            # RACE scoring: letter (A-D after "Answer:") or lm-eval
     device: str | None = None                       # None: cuda when available, else cpu
     calib: str | None = None                        # calibration text file/folder (None: C4, else model samples)
     nsamples: int = 32                              # calibration sequences
@@ -116,7 +117,7 @@ def plot_pareto(rows: list[Row], path: Path, floor: float, title: str = "") -> P
         ax.set_xlabel(label)
         ax.set_ylabel("RACE accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -139,7 +140,7 @@ def _meta(cfg: ReportConfig, device: str) -> dict:
     from . import __version__
     from .bench import device_name
 
-    return {"model": cfg.model, "recipes": list(cfg.recipes), "device": device,
+    return {"model": cfg.model, "recipes": list(cfg.recipes), "race_mode": cfg.mode, "device": device,
             "device_name": device_name(torch.device(device)), "machine": platform.machine(),
             "cpu_count": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "fastllama": __version__,
@@ -199,7 +200,8 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
     return folders
 
 
-def measure(folder: Path, device: str, data: str | None, limit: int | None, prompt_len: int, new_tokens: int) -> dict:
+def measure(folder: Path, device: str, data: str | None, limit: int | None, mode: str, prompt_len: int,
+            new_tokens: int) -> dict:
     """Bench, RACE and perplexity of one saved model. Runs in a fresh process (see run_report), so peak memory
     belongs to this model alone: it is read right after the bench, before evaluation allocates its batches."""
     from .bench import bench
@@ -210,7 +212,7 @@ def measure(folder: Path, device: str, data: str | None, limit: int | None, prom
     model, tok = load(folder, device=device)
     m = bench(model, tok, prompt_len=prompt_len, new_tokens=new_tokens)
     if tok is not None:
-        r = evaluate_race(model, tok, data=load_race(data, limit=limit))
+        r = evaluate_race(model, tok, data=load_race(data, limit=limit), mode=mode)
         m |= {"race": r.summary(), "ppl": perplexity(model, tok, (Path(__file__).parent / "data" / "ppl.txt").read_text())}
     return m
 
@@ -255,7 +257,7 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
             # a fresh process per recipe, so that peak memory is this model's alone
             with ProcessPoolExecutor(1, mp_context=spawn, initializer=_init_worker,
                                      initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
-                m = pool.submit(measure, folders[name], device, cfg.data, cfg.limit, cfg.prompt_len,
+                m = pool.submit(measure, folders[name], device, cfg.data, cfg.limit, cfg.mode, cfg.prompt_len,
                                 cfg.new_tokens).result()
             done[name] = _row(name, m, device)
         rows.append(done[name])

@@ -206,14 +206,14 @@ def measure(folder: Path, device: str, data: str | None, limit: int | None, mode
     belongs to this model alone: it is read right after the bench, before evaluation allocates its batches."""
     from .bench import bench
     from .checkpoint import load
-    from .data import load_race
+    from .data import PPL_TEXT, load_race
     from .evaluate import evaluate_race, perplexity
 
     model, tok = load(folder, device=device)
     m = bench(model, tok, prompt_len=prompt_len, new_tokens=new_tokens)
     if tok is not None:
         r = evaluate_race(model, tok, data=load_race(data, limit=limit), mode=mode)
-        m |= {"race": r.summary(), "ppl": perplexity(model, tok, (Path(__file__).parent / "data" / "ppl.txt").read_text())}
+        m |= {"race": r.summary(), "ppl": perplexity(model, tok, PPL_TEXT.read_text())}
     return m
 
 

@@ -161,6 +161,15 @@ def _check_folder(cfg: ReportConfig) -> None:
     owner.write_text(cfg.model + "\n")
 
 
+def _cached(folder: Path) -> str | None:
+    """The recipe a cached model folder was built with (None if it holds none): a folder is reused only for the
+    same recipe, so a preset whose definition changed is rebuilt."""
+    try:
+        return json.loads((folder / "fastllama.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
+
+
 def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> dict[str, Path]:
     """Compress every recipe not cached yet, under out/models/<recipe>; returns name -> checkpoint folder.
 
@@ -173,8 +182,7 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
     from .recipes import Recipe, compress
 
     folders = {name: cfg.out / "models" / _slug(name) for name in names}
-    built = {str(r): folders[n] for n, r in zip(names, recipes)
-             if (folders[n] / "fastllama.json").is_file() and not cfg.force}
+    built = {str(r): folders[n] for n, r in zip(names, recipes) if not cfg.force and _cached(folders[n]) == str(r)}
     base = tok = calib = None
     for name, recipe in zip(names, tqdm(recipes, desc="compress", unit="recipe")):
         if str(recipe) in built:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from fastllama.report import (ReportConfig, Row, _check_folder, _pareto_front, plot_pareto, read_rows, run_report,
-                              to_markdown, write_results)
+from fastllama.recipes import parse_recipe
+from fastllama.report import (ReportConfig, Row, _build, _check_folder, _pareto_front, plot_pareto, read_rows,
+                              run_report, to_markdown, write_results)
 
 pytestmark = pytest.mark.unit
 
@@ -74,3 +75,9 @@ def test_report_end_to_end_on_tiny_caches_models_and_resumes(tmp_path):
     again, _ = run_report(cfg)
     assert again[0].tpot_ms == 123.0 and again[1].tokens_per_s > 0
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
+
+    # a cached folder built with another definition of the recipe (a preset changed) is rebuilt, the others kept
+    meta_file = next(p.parent for p in cached if "rtn4" in str(p)) / "fastllama.json"
+    meta_file.write_text(meta_file.read_text().replace("rtn:bits=4", "rtn:bits=8"))
+    _build(cfg, list(cfg.recipes), [parse_recipe(r) for r in cfg.recipes], "cpu")
+    assert [p for p in cached if p.stat().st_mtime_ns != cached[p]] == [meta_file.parent / "model.safetensors"]

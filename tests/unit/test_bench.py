@@ -57,11 +57,11 @@ def test_quantized_model_is_smaller(tiny_model):
 
 
 @pytest.mark.parametrize("text, lm_head, expect, swapped", [
-    ("gptq4", None, "rtn:bits=4,group=128,lm_head=false", True),
+    ("gptq4", None, "rtn:bits=4,group=128,lm_head=false + cast:dtype=bf16", True),
     ("gptq:bits=4,group=64,lm_head=true + prune:input=0.1", None,
      "rtn:bits=4,group=64,lm_head=true + prune:input=0.1,importance=l1", True),
-    ("gptq8", True, "rtn:bits=8,lm_head=true", True),
-    ("int8wo", True, "int8wo:lm_head=true", False),
+    ("gptq8", True, "rtn:bits=8,lm_head=true + cast:dtype=bf16", True),
+    ("int8wo", True, "int8wo:lm_head=true + cast:dtype=bf16", False),
     ("prune-mlp25", True, "prune:mlp=0.25,importance=l1", False)])
 def test_speed_recipe_runs_gptq_as_rtn_on_the_same_grid(text, lm_head, expect, swapped):
     recipe, did = speed_recipe(text, lm_head)

@@ -81,6 +81,15 @@ def top_blocks(score: Tensor, keep: int, block: int) -> Tensor:
     return (kept[:, None] * block + torch.arange(block, device=kept.device)).flatten()
 
 
+def whole_blocks(index: Tensor, block: int) -> bool:
+    """Whether the ascending channel `index` is a union of whole, aligned blocks of `block` channels."""
+    if index.numel() % block:
+        return False
+    starts = index[::block]
+    return not (starts % block).any() and torch.equal(index.view(-1, block),
+                                                      starts[:, None] + torch.arange(block, device=index.device))
+
+
 def is_prunable(module: nn.Module) -> bool:
     """Whether `module` is an `nn.Linear` or a `QuantLinear` (anything with `select` and `dequantize`)."""
     return isinstance(module, nn.Linear) or (hasattr(module, "select") and hasattr(module, "dequantize"))
@@ -388,12 +397,10 @@ class QuantLinear(nn.Module):
             scales, zeros = scales[index], None if zeros is None else zeros[index]
             bias = None if bias is None else bias[index]
         elif self.bits == 4:
-            starts = index[::self.group_size]
-            whole = (starts[:, None] + torch.arange(self.group_size, device=q.device)).flatten()
-            if index.numel() % self.group_size or (starts % self.group_size).any() or not torch.equal(index, whole):
+            if not whole_blocks(index, self.group_size):
                 raise ValueError(f"4-bit columns can only be selected in whole groups of {self.group_size} "
                                  "(see in_granularity); pass whole, aligned groups")
-            groups = starts // self.group_size
+            groups = index[::self.group_size] // self.group_size
             scales, zeros = scales[:, groups], zeros[:, groups]
         return QuantLinear.from_values(q.index_select(dim, index), scales, zeros, bias, self.bits, self.group_size)
 

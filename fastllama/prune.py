@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import run_calibration
 from .nn import (PrunedInputLinear, PrunedOutputLinear, check_amount, float_weight, is_prunable, n_keep, select,
-                 top_blocks, top_channels)
+                 top_blocks, top_channels, whole_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,53 @@ def _prune_linears(model: nn.Module, amount: float, dim: str, norms: dict[str, T
         importance = None if norms is None else _score(float_weight(linear), axis, norms[name])
         parent, _, leaf = name.rpartition(".")
         setattr(modules[parent] if parent else model, leaf, swap.from_linear(linear, amount, importance))
+
+
+def _positions(keep: Tensor, index: Tensor) -> Tensor:
+    """Where each of `index` sits in the ascending `keep` (every one of `index` is in `keep`)."""
+    return torch.searchsorted(keep, index.to(keep.device))
+
+
+def _fold_mlp(mlp: nn.Module) -> int | None:
+    """Drop the intermediate channels that per-linear pruning left without effect, exactly: those whose down_proj
+    column is pruned (input pruning), and those whose up row, or gate row where act(0) = 0, is pruned (output
+    pruning, without biases). gate/up then compute fewer rows and down reads them directly: no down input gather,
+    no gate/up output scatter, and fewer bytes than the per-linear swaps hold. Returns the kept width, or None
+    where nothing folds (biases, or a 4-bit down_proj whose kept columns are not whole groups)."""
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    act = getattr(mlp, "act_fn", None)
+    act_kills = act is not None and float(act(torch.zeros(1))) == 0.0  # then a pruned gate row zeroes its channel
+    if any(getattr(m, "bias", None) is not None for m in (gate, up)) or (
+            isinstance(gate, PrunedOutputLinear) and not act_kills):
+        return None
+    width = down.in_features
+    keep = torch.ones(width, dtype=torch.bool)
+    for proj, kept_by in ((down, PrunedInputLinear), (gate, PrunedOutputLinear), (up, PrunedOutputLinear)):
+        if isinstance(proj, kept_by):
+            keep &= torch.zeros(width, dtype=torch.bool).index_fill_(0, proj.keep.cpu(), True)
+    kept = keep.nonzero().flatten()
+    if kept.numel() == width:
+        return None
+    if isinstance(down, PrunedInputLinear):
+        cols, down_core = _positions(down.keep, kept), down.inner
+    else:
+        cols, down_core = kept, down.inner if isinstance(down, PrunedOutputLinear) else down
+    block = getattr(down_core, "in_granularity", 1)  # a 4-bit down_proj selects whole groups of columns only
+    if block > 1 and not whole_blocks(cols, block):
+        return None
+    new_down = down_core if cols.numel() == down_core.in_features else select(down_core, 1, cols)
+    if isinstance(down, PrunedOutputLinear):
+        new_down = PrunedOutputLinear(new_down, down.keep, down.out_features, down.bias)
+    for name, proj in (("gate_proj", gate), ("up_proj", up)):
+        if isinstance(proj, PrunedOutputLinear):
+            new = select(proj.inner, 0, _positions(proj.keep, kept))
+        elif isinstance(proj, PrunedInputLinear):
+            new = PrunedInputLinear(select(proj.inner, 0, kept), proj.keep, proj.in_features)
+        else:
+            new = select(proj, 0, kept)
+        setattr(mlp, name, new)
+    mlp.down_proj, mlp.intermediate_size = new_down, kept.numel()
+    return kept.numel()
 
 
 # ------------------------------------------------------------------------------------------ coupled
@@ -136,6 +183,10 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
     blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
     if dim in ("input", "output"):
         _prune_linears(model, amount, dim, norms, names)
+        mlps = [m for m in model.modules() if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))]
+        widths = {_fold_mlp(mlp) for mlp in mlps}
+        if len(widths) == 1 and None not in widths and config is not None:
+            config.intermediate_size = widths.pop()
     elif dim == "mlp":
         kept = {_prune_mlp(mlp, amount, None if norms is None else norms[name]) for name, mlp in blocks.items()}
         config.intermediate_size = kept.pop()

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from fastllama.generate import generate
-from fastllama.nn import PrunedInputLinear, PrunedOutputLinear
-from fastllama.prune import MLP_MULTIPLE, TARGETS, activation_norms, mlp_keep_count, prune_model
+from fastllama.nn import PrunedInputLinear, PrunedOutputLinear, _Pruned
+from fastllama.prune import MLP_MULTIPLE, TARGETS, _prune_linears, activation_norms, mlp_keep_count, prune_model
 
 pytestmark = pytest.mark.unit
 
@@ -45,18 +45,43 @@ def test_per_linear_equals_ln_structured_on_every_target(amount, dim):
     for leaf in TARGETS:
         for linear in _linears(ref, leaf):
             prune.ln_structured(linear, "weight", amount, n=1, dim=1 if dim == "input" else 0)
+    width = model.config.intermediate_size
     prune_model(model, amount, dim=dim)
     swap = PrunedInputLinear if dim == "input" else PrunedOutputLinear
-    assert all(isinstance(m, swap) for leaf in TARGETS for m in _linears(model, leaf))
+    # the MLP folds (see _fold_mlp): input pruning leaves down_proj plain, output pruning gate_proj and up_proj
+    folded = {"input": ("down_proj",), "output": ("gate_proj", "up_proj")}[dim] if round(amount * width) else ()
+    assert all(isinstance(m, nn.Linear if leaf in folded else swap) for leaf in TARGETS for m in _linears(model, leaf))
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
     torch.testing.assert_close(_logits(model), _logits(ref), atol=1e-4, rtol=1e-4)
 
 
 def test_targets_select_the_linears(tiny_model):
-    prune_model(tiny_model, 0.25, dim="input", targets=["down_proj", "lm_head"])
+    prune_model(tiny_model, 0.25, dim="input", targets=["o_proj", "lm_head"])
     assert isinstance(tiny_model.lm_head, PrunedInputLinear)
-    assert all(isinstance(m, PrunedInputLinear) for m in _linears(tiny_model, "down_proj"))
+    assert all(isinstance(m, PrunedInputLinear) for m in _linears(tiny_model, "o_proj"))
     assert all(isinstance(m, nn.Linear) for m in _linears(tiny_model, "q_proj"))
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("dim", ["input", "output"])
+def test_folding_the_mlp_keeps_the_function_and_saves_bytes(tiny_model, dim, bits):
+    """Channels that per-linear pruning leaves without effect leave the MLP: down_proj (input pruning) or gate and
+    up (output pruning) become plain, smaller linears, nothing is gathered or scattered there, and the function
+    is that of the unfolded swaps. A 4-bit down_proj selects whole groups only: output pruning does not fold it."""
+    from fastllama.bench import model_gb
+    from fastllama.gptq import RTNConfig, quantize_
+
+    if bits:
+        quantize_(tiny_model, RTNConfig(bits=bits, group_size=32))
+    ref = copy.deepcopy(tiny_model)
+    _prune_linears(ref, 0.25, dim, None, [n for n, _ in ref.named_modules() if n.rpartition(".")[2] in TARGETS])
+    prune_model(tiny_model, 0.25, dim=dim)
+    mlp, width = tiny_model.model.layers[0].mlp, ref.model.layers[0].mlp.down_proj.in_features
+    folds = not (dim == "output" and bits == 4)
+    assert (mlp.gate_proj.out_features < width) == folds
+    assert isinstance(mlp.down_proj if dim == "input" else mlp.gate_proj, _Pruned) != folds
+    assert (model_gb(tiny_model) < model_gb(ref)) == folds
+    torch.testing.assert_close(_logits(tiny_model), _logits(ref), atol=1e-4, rtol=1e-4)
 
 
 def test_activation_norms_are_the_input_l2_norms(tiny_model):

@@ -140,7 +140,7 @@ def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "rtn:bits=4,group=32,lm_head=false + prune:input=0.25,importance=l1:" in printed and "MB ->" in printed
     model, _ = load(out)
-    assert isinstance(model.model.layers[0].mlp.down_proj.inner, QuantLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.inner, QuantLinear)
 
 
 def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys):

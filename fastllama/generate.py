@@ -9,7 +9,10 @@ The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode
 keys are written into the cache at their positions and attention reads the whole cache under a causal
 mask, so every decode step has the same shapes. That is what torch.compile with CUDA graphs
 (mode="reduce-overhead") needs on a GPU. Eager (the CPU default, measured fastest there once compile time
-counts), greedy output is token-identical to Hugging Face `generate`; the compiled step agrees up to rounding.
+counts), greedy output is token-identical to Hugging Face `generate` in float32; the compiled step agrees up to
+rounding. On the CPU, float32 linears run on oneDNN (`fastllama.nn.linear`) and attention in float32 (see
+`Decoder.attn_dtype`): both measured faster there. Output-pruned o/down projections add into the residual
+directly (`fastllama.nn.add_linear`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .nn import add_linear, linear
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ class Decoder:
         self.model, self.max_len = model, max_len
         param = inner.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
+        # the cache and attention: float32 on the CPU, where a bfloat16 attention step took 100 us against 18 us
+        # in float32 (no native bf16 SDPA there); the model's dtype on a GPU
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         with torch.no_grad():
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
@@ -49,7 +57,8 @@ class Decoder:
             probe = torch.zeros(1, 1, param.shape[1], dtype=self.dtype, device=self.device)
             self.cache = [self._buffers(layer.self_attn, probe, batch_size) for layer in inner.layers]
         future = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).triu(1)
-        self.causal = torch.zeros(max_len, max_len, dtype=self.dtype, device=self.device).masked_fill(future, -torch.inf)
+        self.causal = torch.zeros(max_len, max_len, dtype=self.attn_dtype, device=self.device).masked_fill(
+            future, -torch.inf)
         self.batch_size = batch_size
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._step = self.forward
@@ -65,8 +74,8 @@ class Decoder:
         def shape(proj: nn.Module) -> tuple[int, ...]:
             return batch_size, proj(probe).shape[-1] // attn.head_dim, self.max_len, attn.head_dim
 
-        return (torch.zeros(shape(attn.k_proj), dtype=self.dtype, device=self.device),
-                torch.zeros(shape(attn.v_proj), dtype=self.dtype, device=self.device))
+        return (torch.zeros(shape(attn.k_proj), dtype=self.attn_dtype, device=self.device),
+                torch.zeros(shape(attn.v_proj), dtype=self.attn_dtype, device=self.device))
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of the last position for `ids` (B, T) at positions `pos` (T,); fills the cache there."""
@@ -74,24 +83,26 @@ class Decoder:
         x = inner.embed_tokens(ids)
         cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
         for layer, (k_cache, v_cache) in zip(inner.layers, self.cache):
-            x = x + self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos,
-                                    k_cache, v_cache)
+            attn = layer.self_attn
+            y = self._attention(attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache, v_cache)
+            x = add_linear(x, attn.o_proj, y)
             mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return self.model.lm_head(_rms_norm(inner.norm, x[:, -1]))
+            x = add_linear(x, mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        return linear(self.model.lm_head, _rms_norm(inner.norm, x[:, -1]))
 
     @staticmethod
     def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        q, k, v = (linear(proj, x).view(B, T, -1, attn.head_dim).transpose(1, 2)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         half = attn.head_dim // 2
         q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+        y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
+                                           enable_gqa=True)
+        return y.transpose(1, 2).reshape(B, T, -1).to(x.dtype)  # o_proj's input
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

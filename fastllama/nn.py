@@ -134,6 +134,19 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def linear(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)`, where a float32 `nn.Linear` on the CPU (outside autograd) runs on oneDNN instead of the MKL
+    sgemm behind F.linear: at batch 1 it streams the weight 1.6x faster on the 2-core AMD EPYC we measured
+    (25 vs 16 GB/s over the embedded model's linears), on the same weight tensor, equal up to rounding."""
+    if (type(module) is nn.Linear and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and module.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
+        return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [None], "")
+    return module(x)
+
+
 class _Pruned(nn.Module):
     """What the pruned linears share: `in_features`, `out_features` and a `keep` buffer, shown in the repr."""
 
@@ -166,7 +179,7 @@ class PrunedInputLinear(_Pruned):
         return cls(select(linear, 1, keep), keep, linear.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x.index_select(-1, self.keep))
+        return linear(self.inner, x.index_select(-1, self.keep))
 
     def spec(self) -> dict:
         return {"in_features": self.in_features, "kept": self.keep.numel(), "inner": to_spec(self.inner)}
@@ -201,7 +214,7 @@ class PrunedOutputLinear(_Pruned):
         return cls(inner, keep, linear.out_features, getattr(linear, "bias", None))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
+        y = linear(self.inner, x)
         out = y.new_zeros(*y.shape[:-1], self.out_features).index_copy(-1, self.keep, y)
         return out if self.bias is None else out + self.bias
 
@@ -214,6 +227,15 @@ class PrunedOutputLinear(_Pruned):
         inner = from_spec(spec["inner"])
         bias = torch.zeros(spec["out_features"]) if spec["bias"] else None
         return cls(inner, torch.zeros(spec["kept"], dtype=torch.int64), spec["out_features"], bias)
+
+
+def add_linear(x: Tensor, module: nn.Module, h: Tensor) -> Tensor:
+    """`x + module(h)` (a residual add); a `PrunedOutputLinear` adds its kept outputs into `x` directly instead of
+    scattering them into zeros first (exact without a bias, as in Llama; up to rounding with one)."""
+    if isinstance(module, PrunedOutputLinear):
+        y = x.index_add(-1, module.keep, linear(module.inner, h))
+        return y if module.bias is None else y + module.bias
+    return x + linear(module, h)
 
 
 # ------------------------------------------------------------------------------------------------ quantization

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
-from fastllama.nn import PrunedInputLinear, PrunedOutputLinear, from_spec, to_spec
+from fastllama.nn import PrunedInputLinear, PrunedOutputLinear, add_linear, from_spec, linear, to_spec
 
 pytestmark = pytest.mark.unit
 
@@ -181,3 +181,30 @@ def test_pruning_a_quant_linear_keeps_it_quantized(bits, group, groups, out_f, a
 
 def _state_bytes(module):
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_on_the_cpu_fast_path_equals_the_module(bias):
+    layer = nn.Linear(96, 40, bias=bias)
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():  # oneDNN where available: the same function up to rounding
+        torch.testing.assert_close(linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(linear(layer, x), layer(x))  # with autograd on, the module itself
+    half = layer.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(half, x.bfloat16()), half(x.bfloat16()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_linear_adds_the_kept_outputs_into_the_residual(bias):
+    layer = PrunedOutputLinear.from_linear(nn.Linear(64, 48, bias=bias), 0.25)
+    x, h = torch.randn(2, 5, 48), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expect, got = x + layer(h), add_linear(x, layer, h)
+    if bias:  # (x + y) + b instead of x + (y + b)
+        torch.testing.assert_close(got, expect)
+    else:  # the pruned outputs add exactly nothing, the kept ones the same values
+        assert torch.equal(got, expect)
+    plain = nn.Linear(64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(add_linear(x, plain, h), x + plain(h))

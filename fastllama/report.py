@@ -117,9 +117,10 @@ def plot_pareto(rows: list[Row], path: Path, floor: float, title: str = "") -> P
         ax.set_xlabel(label)
         ax.set_ylabel("RACE accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)  # hides no point
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """Structured pruning of a Llama decoder: per-linear (input or output channels) and coupled (MLP channels, heads).
 
 - `dim="input"` / `"output"` swap each target linear for a `PrunedInputLinear` / `PrunedOutputLinear` that
-  holds only the kept weights (the reference study's semantics; see fastllama.nn).
+  holds only the kept weights (the reference study's semantics; see fastllama.nn). The MLP then folds, exactly:
+  intermediate channels that the swaps left without effect leave gate, up and down (see `_fold_mlp`).
 - `dim="mlp"` removes the same intermediate channels from gate and up (rows) and down (columns), and
   `dim="heads"` removes whole KV groups (a k/v head and the q heads that share it) from q, k, v (rows) and
   o (columns), keeping the GQA ratio. The linears are simply smaller `nn.Linear`s (or `QuantLinear`s): nothing

@@ -134,7 +134,7 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
-ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN = torch.backends.mkldnn.is_available()  # False: every linear through its module (F.linear), as transformers
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:

@@ -28,8 +28,10 @@ def _sharp(model):
 
 
 def _hf(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Plain greedy `generate` for exactly `new` tokens, with no EOS (`eos_token_id=[]`): min_new_tokens would mask
+    the EOS logit, so where EOS is the argmax (token 2 of random:tiny) transformers would pick the runner-up."""
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, eos_token_id=[],
                               do_sample=False, pad_token_id=0)
 
 
@@ -114,6 +116,15 @@ def test_bf16_agrees_with_hf_logits(tiny_model):
         ours = decoder.forward(ids, torch.arange(16)).float()
         ref = model(ids).logits[:, -1].float()
     assert torch.allclose(ours, ref, atol=0.05 * ref.abs().max().item())
+
+
+def test_cpu_fast_path_agrees_with_hf_to_rounding(sharp):
+    """With float32 linears on oneDNN (the CPU default) the decoder's logits are transformers' up to rounding."""
+    ids = torch.randint(0, 512, (2, 16))
+    decoder = Decoder(sharp, max_len=16, batch_size=2)
+    with torch.inference_mode():
+        ours, ref = decoder.forward(ids, torch.arange(16)), sharp(ids).logits[:, -1]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_decoder_is_reusable(sharp):

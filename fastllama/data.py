@@ -70,6 +70,13 @@ def calibration(tokenizer, source: str | Path | None = None, nsamples: int = 128
     return _from_model(model, tokenizer, nsamples, seqlen, seed)
 
 
+def check_calib(calib, who: str) -> None:
+    """ValueError, naming `who`, unless `calib` is a non-empty LongTensor of token ids [nsamples, seqlen]."""
+    if calib is None or calib.dtype != torch.long or calib.dim() != 2 or calib.numel() == 0:
+        raise ValueError(f"{who} needs calibration token ids, a LongTensor [nsamples, seqlen]: "
+                         "fastllama.data.calibration(tokenizer, model=model)")
+
+
 @torch.no_grad()
 def run_calibration(model, calib: torch.Tensor, hooks: list, desc: str, batch_size: int = 8) -> None:
     """Feed `calib` token ids [n, seqlen] through `model` in batches, with the hook `handles` attached; they are

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .data import run_calibration
+from .data import check_calib, run_calibration
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def drop_layers(model: nn.Module, n: int, calib: Tensor) -> nn.Module:
         raise ValueError(f"cannot drop {n!r} layers of {len(layers)}; valid: an integer from 0 to {len(layers) - 1}")
     if n == 0:
         return model
-    if calib is None or calib.dtype != torch.long or calib.dim() != 2:
-        raise ValueError("drop_layers needs calib, a LongTensor of token ids [nsamples, seqlen], "
-                         "e.g. fastllama.data.calibration(tokenizer, model=model)")
+    check_calib(calib, "drop_layers")
     dist = angular_distances(model, calib, n)
     start = int(dist.argmin())
     log.info("dropping layers %d..%d (angular distance %.4f; per block: %s)", start, start + n - 1,

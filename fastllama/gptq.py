@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data import check_calib
 from .nn import QuantLinear, check_quant_config, dequantize_values, int4_group_for, quant_grid, quantize_values
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
                          "Int8WeightOnlyConfig")
     start = time.perf_counter()
     if isinstance(config, GPTQConfig):
-        if calib is None or calib.ndim != 2 or calib.numel() == 0:
-            raise ValueError("GPTQ needs calibration token ids [nsamples, seqlen] (see fastllama.data.calibration)")
+        check_calib(calib, "GPTQ")
         _gptq_model(model, config, calib)
     else:
         for layer in tqdm(model.model.layers, desc=f"rtn{config.bits}", leave=False):

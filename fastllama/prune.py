@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import run_calibration
+from .data import check_calib, run_calibration
 from .nn import (PrunedInputLinear, PrunedOutputLinear, check_amount, float_weight, is_prunable, n_keep, select,
                  top_blocks, top_channels, whole_blocks)
 
@@ -170,9 +170,8 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
         raise ValueError(f"unknown pruning dim {dim!r}; valid: {', '.join(DIMS)}")
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)}")
-    if importance == "act" and (calib is None or calib.dtype != torch.long or calib.dim() != 2):
-        raise ValueError("importance='act' needs calib, a LongTensor of token ids [nsamples, seqlen], "
-                         "e.g. fastllama.data.calibration(tokenizer, model=model)")
+    if importance == "act":
+        check_calib(calib, "importance='act'")
     targets = tuple(TARGETS if targets is None else targets)
     leaf = {"input": targets, "output": targets, "mlp": ("down_proj",), "heads": ("o_proj",)}[dim]
     names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]

@@ -151,18 +151,17 @@ def _calib(args: argparse.Namespace, model, tok):
     return calibration(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
 
 
-def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: int) -> None:
-    after = _model_bytes(model)
-    print(f"{recipe}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.1%})")
+def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float) -> None:
+    """Print the size before (GB, `bench.model_gb`) -> after, and save the model to --out when given."""
+    from .bench import model_gb
+
+    after = model_gb(model)
+    print(f"{recipe}: {before * 1e3:.1f} MB -> {after * 1e3:.1f} MB ({after / before:.1%})")
     if args.out:
         from .checkpoint import save
 
         save(model, args.out, tokenizer=tok, recipe=recipe)
         print(f"saved to {args.out}")
-
-
-def _model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _add_prune(sub) -> None:
@@ -180,12 +179,13 @@ def _add_prune(sub) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
+    from .bench import model_gb
     from .prune import prune_model
 
     model, tok = _load(args)
     calib = _calib(args, model, tok) if args.importance == "act" else None
     targets = args.targets.split(",") if args.targets else None
-    before = _model_bytes(model)
+    before = model_gb(model)
     prune_model(model, args.amount, dim=args.dim, importance=args.importance, calib=calib, targets=targets)
     _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before)
 
@@ -200,10 +200,11 @@ def _add_drop(sub) -> None:
 
 
 def _cmd_drop(args: argparse.Namespace) -> None:
+    from .bench import model_gb
     from .drop import drop_layers
 
     model, tok = _load(args)
-    before = _model_bytes(model)
+    before = model_gb(model)
     drop_layers(model, args.layers, _calib(args, model, tok))
     _save_compressed(args, model, tok, f"drop:layers={args.layers}", before)
 
@@ -223,6 +224,7 @@ def _add_compress(sub) -> None:
 def _cmd_compress(args: argparse.Namespace) -> None:
     import time
 
+    from .bench import model_gb
     from .recipes import compress, parse_recipe
 
     recipe = parse_recipe(args.recipe)  # bad recipes fail before the model loads
@@ -232,7 +234,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         calib = _calib(args, model, tok)  # logs its source: the text given, C4, or samples of the model
         print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from "
               f"{args.calib or 'C4 if reachable, else text sampled from the model (see the log)'}")
-    before, start = _model_bytes(model), time.perf_counter()
+    before, start = model_gb(model), time.perf_counter()
     compress(model, recipe, calib, tok)
     print(f"compressed in {time.perf_counter() - start:.1f} s")
     _save_compressed(args, model, tok, str(recipe), before)
@@ -262,16 +264,22 @@ def _add_eval(sub) -> None:
     ppl.set_defaults(func=_cmd_eval_ppl)
 
 
-def _load_with_recipe(args: argparse.Namespace):
-    """The model of --model, compressed by --recipe when one is given (calibrated per --calib)."""
-    if args.recipe is None:
-        return _load(args)
-    from .recipes import compress, parse_recipe
-
-    recipe = parse_recipe(args.recipe)  # a bad recipe fails before the model loads
+def _load_with_recipe(args: argparse.Namespace, recipe=None):
+    """The model of --model, compressed by `recipe` (a Recipe, parsed before this so a bad one fails before the
+    model loads; None: as loaded), calibrated per --calib when the recipe needs it."""
     model, tok = _load(args)
-    compress(model, recipe, _calib(args, model, tok) if recipe.needs_calibration else None, tok)
+    if recipe is not None:
+        from .recipes import compress
+
+        compress(model, recipe, _calib(args, model, tok) if recipe.needs_calibration else None, tok)
     return model, tok
+
+
+def _recipe(args: argparse.Namespace):
+    """--recipe parsed (None without one)."""
+    from .recipes import parse_recipe
+
+    return None if args.recipe is None else parse_recipe(args.recipe)
 
 
 def _cmd_eval_race(args: argparse.Namespace) -> None:
@@ -280,7 +288,7 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
 
     from .evaluate import evaluate_race
 
-    model, tok = _load_with_recipe(args)
+    model, tok = _load_with_recipe(args, _recipe(args))
     start = time.perf_counter()
     result = evaluate_race(model, tok, args.data, mode=args.mode, limit=args.limit, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
@@ -302,7 +310,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> None:
     path = Path(args.text_file or PPL_TEXT)
     if not path.is_file():
         raise FileNotFoundError(f"no text file at {path}; pass --text-file with an existing file")
-    model, tok = _load_with_recipe(args)
+    model, tok = _load_with_recipe(args, _recipe(args))
     ppl = perplexity(model, tok, path.read_text(encoding="utf-8"), window=args.window, stride=args.stride)
     print(f"perplexity {args.model}{' + ' + args.recipe if args.recipe else ''} on {path}: {ppl:.3f}")
 
@@ -331,19 +339,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import json
 
     from .bench import bench, speed_recipe
-    from .recipes import compress, parse_recipe
 
-    recipe, swapped = None, False
-    if args.recipe:  # a bad recipe fails before the model loads
-        rtn = args.rtn or args.model.startswith("random:")
-        recipe, swapped = speed_recipe(args.recipe) if rtn else (parse_recipe(args.recipe), False)
-    model, tok = _load(args)
-    if recipe is not None:
-        if swapped:
-            print(f"note: GPTQ steps run as round-to-nearest with the same layout (speed does not depend on the "
-                  f"values): {recipe}")
-        calib = _calib(args, model, tok) if recipe.needs_calibration else None
-        compress(model, recipe, calib, tok)
+    recipe, swapped = _recipe(args), False  # a bad recipe fails before the model loads
+    if recipe is not None and (args.rtn or args.model.startswith("random:")):
+        recipe, swapped = speed_recipe(args.recipe)
+    if swapped:
+        print(f"note: GPTQ steps run as round-to-nearest with the same layout (speed does not depend on the "
+              f"values): {recipe}")
+    model, tok = _load_with_recipe(args, recipe)
     metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
                     compile={"auto": None, "on": True, "off": False}[args.compile])
     metrics |= {"model": args.model, "recipe": str(recipe) if recipe else None}

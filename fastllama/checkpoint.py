@@ -78,7 +78,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None 
     return path
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """The checked contents of `path/fastllama.json` (FileNotFoundError or ValueError, naming the fix)."""
     file = path / META_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {path} is not a `fastllama compress --out` directory")
@@ -134,7 +135,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint directory: {path}")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     state = _read_weights(path)
     state |= {key: state[origin] for key, origin in meta["aliases"].items() if origin in state}
     try:

@@ -163,11 +163,13 @@ def _check_folder(cfg: ReportConfig) -> None:
 
 
 def _cached(folder: Path) -> str | None:
-    """The recipe a cached model folder was built with (None if it holds none): a folder is reused only for the
-    same recipe, so a preset whose definition changed is rebuilt."""
+    """The recipe a cached model folder was built with (None if it holds no readable checkpoint): a folder is
+    reused only for the same recipe, so a preset whose definition changed is rebuilt."""
+    from .checkpoint import read_meta
+
     try:
-        return json.loads((folder / "fastllama.json").read_text()).get("recipe")
-    except (OSError, ValueError):
+        return read_meta(folder).get("recipe")
+    except (FileNotFoundError, ValueError):
         return None
 
 

@@ -36,6 +36,12 @@ def _masked(linear, amount, dim):
     return ref
 
 
+def _removes_all(linear, amount, dim):
+    """Whether ln_structured's count (round(amount * n) pruned of n) leaves no channel along `dim`."""
+    n = linear.weight.shape[dim]
+    return n - round(amount * n) < 1
+
+
 def _param_bytes(m):
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
@@ -49,8 +55,7 @@ shapes = dict(in_f=st.integers(1, 300), out_f=st.integers(1, 300), batch=st.list
 @given(**shapes)
 def test_equals_ln_structured(in_f, out_f, batch, amount, bias, dtype, ties, seed, dim):
     linear, g = _case(in_f, out_f, bias, dtype, ties, seed)
-    n = linear.weight.shape[dim]
-    if n - round(amount * n) < 1:
+    if _removes_all(linear, amount, dim):
         with pytest.raises(ValueError, match="would remove all"):
             SWAPS[dim].from_linear(linear, amount)
         return
@@ -74,12 +79,11 @@ def test_equals_ln_structured(in_f, out_f, batch, amount, bias, dtype, ties, see
 @given(**shapes)
 def test_bytes_shrink_by_the_pruned_fraction(in_f, out_f, batch, amount, bias, dtype, ties, seed, dim):
     linear, _ = _case(in_f, out_f, bias, dtype, ties, seed)
-    n = linear.weight.shape[dim]
-    if n - round(amount * n) < 1:
+    if _removes_all(linear, amount, dim):
         return
     pruned = SWAPS[dim].from_linear(linear, amount)
     w = linear.weight
-    channel = w.numel() // n * w.element_size()
+    channel = w.numel() // w.shape[dim] * w.element_size()  # the bytes of one channel along dim
     bias_bytes = _param_bytes(linear) - w.numel() * w.element_size()
     expected = (1 - amount) * w.numel() * w.element_size() + bias_bytes
     assert abs(_param_bytes(pruned) - expected) <= channel

@@ -135,14 +135,15 @@ def _untie(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------- GPTQ on one linear
 class Hessian:
-    """Running H = 2XXᵀ/n over the inputs of one linear (a forward hook)."""
+    """Running H = 2XXᵀ/n over the inputs of one linear."""
 
     def __init__(self, linear: nn.Linear):
         self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
         self.n = 0
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        x = args[0].reshape(-1, self.H.shape[0]).float()
+    def add(self, x: Tensor) -> None:
+        """Fold in a batch of inputs [..., in_features]."""
+        x = x.reshape(-1, self.H.shape[0]).float()
         self.H *= self.n / (self.n + len(x))
         self.n += len(x)
         x = x * (2 / self.n) ** 0.5
@@ -162,42 +163,40 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    ngroups = cols // group_size
-    scales = torch.zeros(out, ngroups, device=W.device)
-    zeros = torch.zeros(out, ngroups, device=W.device) if bits == 4 else None
-
-    def set_grid(g: int, w: Tensor) -> None:
-        scales[:, g], zero = quant_grid(w, bits)
-        if zero is not None:
-            zeros[:, g] = zero
-
+    static = act_order or bits == 8  # grids fixed up front from the unquantized weights (8-bit: one group, the row)
+    if static:
+        scales, zeros = quant_grid(W.reshape(out, -1, group_size), bits)
+    else:  # each group's grid is set from the error-updated weights when GPTQ reaches its first column
+        scales, zeros = W.new_zeros(out, cols // group_size), W.new_zeros(out, cols // group_size)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    if act_order or bits == 8:  # static grids from the unquantized weights (8-bit: one group, the whole row)
-        for g in range(ngroups):
-            set_grid(g, W[:, g * group_size:(g + 1) * group_size])
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    if act_order:
+        W, H = W.index_select(1, perm), H.index_select(0, perm).index_select(1, perm)
+    H.diagonal().add_(damp * torch.diag(H).mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros_like(W)
+    # W and Q are held transposed, [in, out], so that each column GPTQ visits is one contiguous row
+    W, Q = W.T.contiguous(), torch.empty(cols, out, device=W.device)
+    group = perm // group_size  # the group of each visited column
     block_size = max(block_size, group_size) if bits == 4 else block_size  # a lazy group then lies in one block
+    span = block_size if static else group_size  # columns that share one gather of their grids
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            if not act_order and bits == 4 and col % group_size == 0:
-                set_grid(col // group_size, W1[:, i:i + group_size])
-            g = col // group_size
-            zero = None if zeros is None else zeros[:, g]
-            q = quantize_values(W1[:, i], scales[:, g], zero)
-            Q[:, i1 + i] = q
-            err = (W1[:, i] - dequantize_values(q, scales[:, g], zero)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].int(), scales, zeros
+        W1, Hinv1, Err1 = W[i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.empty(i2 - i1, out, device=W.device)
+        for j1 in range(0, i2 - i1, span):  # block-local columns j1..j2
+            j2 = min(j1 + span, i2 - i1)
+            if not static:  # natural order, 4-bit: the span is one group, whose grid is set now
+                g = (i1 + j1) // group_size
+                scales[:, g], zeros[:, g] = quant_grid(W1[j1:j2].T, bits)
+            S = scales.T[group[i1 + j1:i1 + j2]]  # [span, out]: each column's scales (and zeros) as rows
+            Z = [None] * (j2 - j1) if zeros is None else zeros.T[group[i1 + j1:i1 + j2]]
+            for i, s, z in zip(range(j1, j2), S, Z):
+                w = W1[i]
+                Q[i1 + i] = q = quantize_values(w, s, z)
+                torch.div(w - dequantize_values(q, s, z), Hinv1[i, i], out=Err1[i])
+                W1[i:].sub_(Hinv1[i, i:, None] * Err1[i])
+        W[i2:].sub_((Err1.T.contiguous() @ Hinv[i1:i2, i2:]).T)  # the lazy update, as an [out, in] matmul
+    Q = Q.T
+    return (Q.index_select(1, torch.argsort(perm)) if act_order else Q).int(), scales, zeros
 
 
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
@@ -240,9 +239,24 @@ def _forward(layer: nn.Module, inputs: list[tuple[Tensor, dict]]) -> list[tuple[
 
 
 def _hessians(linears: list[tuple[nn.Module, str, nn.Linear]], run) -> list[Tensor]:
-    """The Hessian of each linear's inputs while `run()` drives them."""
+    """The Hessian of each linear's inputs while `run()` drives them. Linears fed the very same tensor (q, k and v;
+    gate and up) share one Hessian, accumulated once."""
     hessians = [Hessian(linear) for _, _, linear in linears]
-    handles = [linear.register_forward_hook(h) for (_, _, linear), h in zip(linears, hessians)]
+    uncalled = set(range(len(linears)))
+    last: list = [None, None]  # the latest input tensor, and the Hessian that took it
+
+    def record(i: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0]
+            if i in uncalled:  # on its first call, a linear fed the previous one's very tensor takes its Hessian
+                uncalled.discard(i)
+                hessians[i] = last[1] if x is last[0] else hessians[i]
+            if x is not last[0]:
+                hessians[i].add(x)
+            last[:] = x, hessians[i]
+        return hook
+
+    handles = [linear.register_forward_hook(record(i)) for i, (_, _, linear) in enumerate(linears)]
     try:
         run()
     finally:
@@ -264,5 +278,5 @@ def _gptq_model(model: nn.Module, config: GPTQConfig, calib: Tensor) -> None:
         _untie(model)
         hessian = Hessian(model.lm_head)
         for hidden, _ in inputs:
-            hessian(model.lm_head, (model.model.norm(hidden),), None)
+            hessian.add(model.model.norm(hidden))
         model.lm_head = _gptq(model.lm_head, hessian.H, config)

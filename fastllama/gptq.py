@@ -14,11 +14,12 @@ With `act_order`, columns are visited by decreasing Hessian diagonal but groups 
 (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static groups").
 Without it, a group's grid is taken from the error-updated weights when GPTQ reaches its first column.
 
-The decoder is processed one layer at a time: the inputs of layer 0 are captured from the calibration tokens,
-each layer's Hessians come from its float forward, its linears are quantized, and its quantized forward gives
-the next layer's inputs, so only one layer's activations are held. The embedding stays float. The output head
-stays float too unless `lm_head=True`: it is then untied from the embedding and quantized on the final
-hidden states (it is the largest matmul of small models, so CPU decode speed needs it).
+The decoder is processed one layer at a time, all the calibration sequences in one batch: the inputs of layer 0
+are captured from the calibration tokens, then one forward through each layer quantizes its linears in the
+order it reaches them (true-sequential, see `_gptq_layer`) and gives the next layer's quantized inputs, so only
+one layer's activations are held. The embedding stays float. The output head stays float too unless
+`lm_head=True`: it is then untied from the embedding and quantized on the final hidden states (it is the
+largest matmul of small models, so CPU decode speed needs it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .data import check_calib
 from .nn import QuantLinear, check_quant_config, dequantize_values, int4_group_for, quant_grid, quantize_values
 
 log = logging.getLogger(__name__)
+
+CLIP_SHRINKS = tuple(1 - k / 100 for k in range(25))  # the range factors the clipping search tries: 1.00 .. 0.76
 
 
 @dataclass
@@ -62,8 +65,8 @@ class GPTQConfig(RTNConfig):
 
     act_order: bool = False  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+    clip: bool = False  # search each group's clipping range (see clip_grid) instead of taking its min-max
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
-    batch_size: int = 8  # calibration sequences per forward pass
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,24 +137,31 @@ def _untie(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- GPTQ on one linear
-class Hessian:
-    """Running H = 2XXᵀ/n over the inputs of one linear."""
+def hessian(x: Tensor) -> Tensor:
+    """H = 2XXᵀ/n of a linear's inputs x [..., in_features] (n rows), in float32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return (2 / len(x)) * (x.T @ x)
 
-    def __init__(self, linear: nn.Linear):
-        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
-        self.n = 0
 
-    def add(self, x: Tensor) -> None:
-        """Fold in a batch of inputs [..., in_features]."""
-        x = x.reshape(-1, self.H.shape[0]).float()
-        self.H *= self.n / (self.n + len(x))
-        self.n += len(x)
-        x = x * (2 / self.n) ** 0.5
-        self.H += x.T @ x
+def clip_grid(w: Tensor, bits: int, importance: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The grid of each row of `w` [..., g] (see `nn.quant_grid`) whose range, its min and max times one of
+    CLIP_SHRINKS, rounds the row with the least error Σ importance·(ŵ - w)², `importance` [g] weighing each column
+    (GPTQ's Hessian diagonal): clipping a few extreme weights buys a finer step for all the others."""
+    ends = torch.stack([w.amin(-1), w.amax(-1)], -1)  # a row's min-max grid depends only on these two
+    best_err = torch.full(ends.shape[:-1], torch.inf, device=w.device)
+    best_scale, best_zero = torch.empty_like(best_err), None if bits == 8 else torch.empty_like(best_err)
+    for shrink in CLIP_SHRINKS:
+        scale, zero = quant_grid(ends * shrink, bits)
+        s, z = scale[..., None], None if zero is None else zero[..., None]
+        err = ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+        best_zero = None if zero is None else torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128) -> tuple[Tensor, Tensor, Tensor | None]:
+                  damp: float = 0.01, block_size: int = 128, clip: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for
@@ -164,8 +174,10 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     H[dead, dead] = 1
     W[:, dead] = 0
     static = act_order or bits == 8  # grids fixed up front from the unquantized weights (8-bit: one group, the row)
+    diag = torch.diag(H).reshape(-1, group_size)  # each column's weight in the clipping search, per group
+    grid = (lambda w, g: clip_grid(w, bits, diag[g])) if clip else (lambda w, g: quant_grid(w, bits))
     if static:
-        scales, zeros = quant_grid(W.reshape(out, -1, group_size), bits)
+        scales, zeros = grid(W.reshape(out, -1, group_size), slice(None))
     else:  # each group's grid is set from the error-updated weights when GPTQ reaches its first column
         scales, zeros = W.new_zeros(out, cols // group_size), W.new_zeros(out, cols // group_size)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
@@ -186,7 +198,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
             j2 = min(j1 + span, i2 - i1)
             if not static:  # natural order, 4-bit: the span is one group, whose grid is set now
                 g = (i1 + j1) // group_size
-                scales[:, g], zeros[:, g] = quant_grid(W1[j1:j2].T, bits)
+                scales[:, g], zeros[:, g] = grid(W1[j1:j2].T, g)
             S = scales.T[group[i1 + j1:i1 + j2]]  # [span, out]: each column's scales (and zeros) as rows
             Z = [None] * (j2 - j1) if zeros is None else zeros.T[group[i1 + j1:i1 + j2]]
             for i, s, z in zip(range(j1, j2), S, Z):
@@ -202,13 +214,13 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
     group = _group(linear, config)
     q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
-                                     config.block_size)
+                                     config.block_size, config.clip)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
 
 # ---------------------------------------------------------------- GPTQ over the decoder
-def _capture(model: nn.Module, calib: Tensor, batch_size: int) -> list[tuple[Tensor, dict]]:
-    """Layer 0's (hidden states, keyword arguments) for each calibration batch; the model stops right there."""
+def _capture(model: nn.Module, calib: Tensor) -> tuple[Tensor, dict]:
+    """Layer 0's hidden states and keyword arguments for all the calibration sequences; the model stops there."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -217,66 +229,51 @@ def _capture(model: nn.Module, calib: Tensor, batch_size: int) -> list[tuple[Ten
         raise _Stop
 
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
     try:
-        for batch in calib.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        model(calib.to(next(model.parameters()).device), use_cache=False)
+    except _Stop:
+        pass
     finally:
         handle.remove()
-    return captured
+    return captured[0]
 
 
-def _forward(layer: nn.Module, inputs: list[tuple[Tensor, dict]]) -> list[tuple[Tensor, dict]]:
-    """The layer's outputs for each captured batch, paired with the same keyword arguments."""
-    outs = []
-    for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outs
+def _gptq_layer(layer: nn.Module, hidden: Tensor, kwargs: dict, config: GPTQConfig) -> Tensor:
+    """Quantize the layer's linears in one forward over all the calibration tokens; returns its output.
 
+    Each linear is quantized on the Hessian of its inputs when the forward reaches it, and the forward goes on
+    with its quantized weights (dequantized into the float linear: the same weights, faster than the kernels on a
+    CPU). So every linear sees the quantized outputs of those before it (true-sequential: o after q/k/v, gate/up
+    after the attention, down after gate/up), and the output is the next layer's quantized input. Linears fed
+    the very same tensor (q/k/v, gate/up) share one Hessian.
+    """
+    quantized: dict[nn.Linear, QuantLinear] = {}
+    last: list = [None, None]  # the latest input tensor and its Hessian
 
-def _hessians(linears: list[tuple[nn.Module, str, nn.Linear]], run) -> list[Tensor]:
-    """The Hessian of each linear's inputs while `run()` drives them. Linears fed the very same tensor (q, k and v;
-    gate and up) share one Hessian, accumulated once."""
-    hessians = [Hessian(linear) for _, _, linear in linears]
-    uncalled = set(range(len(linears)))
-    last: list = [None, None]  # the latest input tensor, and the Hessian that took it
+    def quantize(linear: nn.Linear, args: tuple) -> None:
+        if linear not in quantized:
+            H = last[1] if args[0] is last[0] else hessian(args[0])
+            last[:] = args[0], H
+            quantized[linear] = _gptq(linear, H, config)
+            linear.weight.copy_(quantized[linear].dequantize())
 
-    def record(i: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0]
-            if i in uncalled:  # on its first call, a linear fed the previous one's very tensor takes its Hessian
-                uncalled.discard(i)
-                hessians[i] = last[1] if x is last[0] else hessians[i]
-            if x is not last[0]:
-                hessians[i].add(x)
-            last[:] = x, hessians[i]
-        return hook
-
-    handles = [linear.register_forward_hook(record(i)) for i, (_, _, linear) in enumerate(linears)]
+    linears = _linears(layer)
+    handles = [linear.register_forward_pre_hook(quantize) for _, _, linear in linears]
     try:
-        run()
+        out = layer(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return [h.H for h in hessians]
+    for parent, name, linear in linears:
+        setattr(parent, name, quantized[linear])
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def _gptq_model(model: nn.Module, config: GPTQConfig, calib: Tensor) -> None:
-    inputs = _capture(model, calib, config.batch_size)
+    hidden, kwargs = _capture(model, calib)
     for layer in tqdm(model.model.layers, desc=f"gptq{config.bits}", leave=False):
-        linears = _linears(layer)
-        hessians = _hessians(linears, lambda: _forward(layer, inputs))
-        for (parent, name, linear), H in zip(linears, hessians):
-            setattr(parent, name, _gptq(linear, H, config))
-        inputs = _forward(layer, inputs)  # the next layer sees this layer's quantized outputs
+        hidden = _gptq_layer(layer, hidden, kwargs, config)
     if config.lm_head:
         _untie(model)
-        hessian = Hessian(model.lm_head)
-        for hidden, _ in inputs:
-            hessian.add(model.model.norm(hidden))
-        model.lm_head = _gptq(model.lm_head, hessian.H, config)
+        model.lm_head = _gptq(model.lm_head, hessian(model.model.norm(hidden)), config)

@@ -3,6 +3,7 @@ grid, dead inputs, shared Hessians, the model walk, the head flag, bad input."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fastllama.gptq import (GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _forward, _hessians, _linears,
-                            gptq_quantize, quantize_)
+from fastllama.gptq import (GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer, _linears,
+                            gptq_quantize, hessian, quantize_)
 from fastllama.nn import QuantLinear, dequantize_values, quant_grid, quantize_values
 
 pytestmark = pytest.mark.unit
@@ -159,25 +160,28 @@ def test_dead_inputs_land_on_the_grid_value_nearest_zero(bits, act_order):
         assert not dead.any()
 
 
-def test_linears_fed_the_same_tensor_share_one_hessian(tiny_model):
-    """q/k/v (and gate/up) see the very same tensor: one Hessian each, equal to 2XᵀX/n of the inputs recorded
-    independently; o and down have their own."""
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layer_is_quantized_true_sequentially_in_one_forward(tiny_model, act_order):
+    """Each linear is GPTQ'd on the Hessian of its inputs in the quantized layer (o after the quantized q/k/v,
+    down after the quantized gate/up), and the returned output is the quantized layer's: rebuilt here from the
+    float layer holding the quantized weights, bit for bit."""
+    config = GPTQConfig(bits=4, group_size=32, act_order=act_order)
     layer = tiny_model.model.layers[0]
-    inputs = _capture(tiny_model, calib(), 8)
-    linears = _linears(layer)
-    seen = {name: [] for _, name, _ in linears}
-    handles = [lin.register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
-               for _, name, lin in linears]
+    float_layer, check = copy.deepcopy(layer), copy.deepcopy(layer)
+    hidden, kwargs = _capture(tiny_model, calib())
     with torch.no_grad():
-        hessians = dict(zip([name for _, name, _ in linears], _hessians(linears, lambda: _forward(layer, inputs))))
-    for h in handles:
-        h.remove()
-    assert hessians["q_proj"] is hessians["k_proj"] is hessians["v_proj"]
-    assert hessians["gate_proj"] is hessians["up_proj"]
-    assert len({id(h) for h in hessians.values()}) == 4  # qkv, o, gate/up, down
-    for name, H in hessians.items():
-        x = torch.cat(seen[name])
-        torch.testing.assert_close(H, 2 * x.T @ x / len(x), rtol=1e-5, atol=1e-5)
+        out = _gptq_layer(layer, hidden, kwargs, config)
+    quantized = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantized) == 7
+    floats, checks, seen = dict(float_layer.named_modules()), dict(check.named_modules()), {}
+    for n, module in quantized.items():
+        checks[n].weight.data.copy_(module.dequantize())
+        checks[n].register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, args[0]))
+    with torch.no_grad():
+        expected = check(hidden, **kwargs)
+    assert torch.equal(out, expected[0] if isinstance(expected, tuple) else expected)
+    for n, module in quantized.items():
+        assert torch.equal(module.dequantize(), _gptq(floats[n], hessian(seen[n]), config).dequantize()), n
 
 
 def calib(n: int = 4, seqlen: int = 16) -> torch.Tensor:

@@ -10,9 +10,12 @@ by one with their error spread over the columns not yet quantized, in lazy block
 own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
 per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales.
 
-With `act_order`, columns are visited by decreasing Hessian diagonal but groups stay in natural column order
-(the kernels need that): each group's grid is fixed up front from the unquantized weights ("static groups").
-Without it, a group's grid is taken from the error-updated weights when GPTQ reaches its first column.
+With `act_order` (the default), columns are visited by decreasing Hessian diagonal but groups stay in natural
+column order (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static
+groups"). Without it, a group's grid is taken from the error-updated weights when GPTQ reaches its first column.
+With `clip` (the default), a grid's range is searched rather than taken from the min-max: the min and max shrunk
+by the factor (of CLIP_SHRINKS) that rounds the group with the least error, weighted by the Hessian diagonal,
+then rounded to bfloat16 like any grid (see `clip_grid`).
 
 The decoder is processed one layer at a time, all the calibration sequences in one batch: the inputs of layer 0
 are captured from the calibration tokens, then one forward through each layer quantizes its linears in the
@@ -63,9 +66,9 @@ class Int8WeightOnlyConfig(RTNConfig):
 class GPTQConfig(RTNConfig):
     """GPTQ onto the kernels' grid (see the module docstring)."""
 
-    act_order: bool = False  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
+    act_order: bool = True  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
-    clip: bool = False  # search each group's clipping range (see clip_grid) instead of taking its min-max
+    clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
@@ -160,8 +163,8 @@ def clip_grid(w: Tensor, bits: int, importance: Tensor) -> tuple[Tensor, Tensor 
     return best_scale, best_zero
 
 
-def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128, clip: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = True, damp: float = 0.01,
+                  block_size: int = 128, clip: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fastllama.gptq import (GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer, _linears,
-                            gptq_quantize, hessian, quantize_)
+from fastllama.gptq import (CLIP_SHRINKS, GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer,
+                            _linears, clip_grid, gptq_quantize, hessian, quantize_)
 from fastllama.nn import QuantLinear, dequantize_values, quant_grid, quantize_values
 
 pytestmark = pytest.mark.unit
@@ -97,22 +97,22 @@ def test_gptq_equals_the_reference_bit_for_bit(bits, group, groups, out, act_ord
     x[:, torch.randperm(features, generator=gen)[:dead]] = 0
     H = 2 * x.T @ x / len(x)
     g = group if bits == 4 else features
-    fast, ref = gptq_quantize(weight, H, bits, g, act_order), reference_gptq(weight, H, bits, g, act_order)
+    fast, ref = gptq_quantize(weight, H, bits, g, act_order, clip=False), reference_gptq(weight, H, bits, g, act_order)
     assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
     assert (fast[2] is None and ref[2] is None) or torch.equal(fast[2], ref[2])
 
 
 @settings(max_examples=12, deadline=None)
 @given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64]), groups=st.integers(2, 4),
-       out=st.sampled_from([16, 32, 64]), act_order=st.booleans(), seed=st.integers(0, 10_000))
-def test_gptq_reconstructs_better_than_rtn(bits, group, groups, out, act_order, seed):
+       out=st.sampled_from([16, 32, 64]), act_order=st.booleans(), clip=st.booleans(), seed=st.integers(0, 10_000))
+def test_gptq_reconstructs_better_than_rtn(bits, group, groups, out, act_order, clip, seed):
     features = group * groups
     torch.manual_seed(seed)
     weight = torch.randn(out, features) / features ** 0.5
     x = correlated_inputs(4 * features, features, seed)
     H = 2 * x.T @ x / len(x)
     g = group if bits == 4 else features
-    q, scales, zeros = gptq_quantize(weight, H, bits, g, act_order=act_order)
+    q, scales, zeros = gptq_quantize(weight, H, bits, g, act_order=act_order, clip=clip)
     assert q.shape == weight.shape and scales.shape == (out, features // g)
     assert (zeros is None) == (bits == 8)
     lo, hi = (0, 15) if bits == 4 else (-128, 127)
@@ -122,11 +122,44 @@ def test_gptq_reconstructs_better_than_rtn(bits, group, groups, out, act_order, 
     assert gptq_err < rtn_err
 
 
+def weighted_error(w, importance, bits, scale, zero):
+    """Σ importance·(ŵ - w)² of each row of w [..., g] rounded on the grid (scale, zero) [...]."""
+    s, z = scale[..., None], None if zero is None else zero[..., None]
+    return ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_clip_grid_takes_the_shrink_with_the_least_weighted_error(bits):
+    """Each row gets the candidate range (its min and max times a shrink) that rounds it best, so never worse than
+    min-max (the first candidate); on the 16-level grid, clipping the tails of Gaussian rows pays for some."""
+    gen = torch.Generator().manual_seed(0)
+    w, importance = torch.randn(8, 3, 64, generator=gen), torch.rand(3, 64, generator=gen)
+    scale, zero = clip_grid(w, bits, importance)
+    candidates = torch.stack([weighted_error(w, importance, bits, *quant_grid(w * p, bits)) for p in CLIP_SHRINKS])
+    chosen = weighted_error(w, importance, bits, scale, zero)
+    assert torch.equal(chosen, candidates.amin(0))
+    assert (chosen <= candidates[0]).all()
+    if bits == 4:
+        assert (chosen < candidates[0]).any()
+
+
+def test_gptq_clips_its_static_grids():
+    """With act-order the grids are fixed up front: each group's is clip_grid's, weighted by the Hessian diagonal."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 128), correlated_inputs(512, 128, 0)
+    H = 2 * x.T @ x / len(x)
+    _, scales, zeros = gptq_quantize(weight, H, 4, 32, act_order=True, clip=True)
+    expected = clip_grid(weight.reshape(32, 4, 32), 4, H.diag().reshape(4, 32))
+    assert torch.equal(scales, expected[0]) and torch.equal(zeros, expected[1])
+    assert not torch.equal(scales, quant_grid(weight.reshape(32, 4, 32), 4)[0])  # some group was clipped
+
+
 def test_act_order_is_exact_on_the_kernel_grid():
     """With act-order the columns are visited out of order but each is rounded on its own group's grid, so the
     int4 kernel computes with exactly GPTQ's weight: dequantize() equals (q - 8)·scale + zero bit for bit, the
     kernel's output for a one-hot input is that weight's column to bfloat16 output precision (the kernel writes
-    bfloat16, 8 significant bits: relative error at most 2⁻⁸), and on the calibration inputs the kernel reconstructs better than RTN."""
+    bfloat16, 8 significant bits: relative error at most 2⁻⁸), and on the calibration inputs the kernel
+    reconstructs better than RTN."""
     torch.manual_seed(0)
     weight, x = torch.randn(64, 256) / 16, correlated_inputs(1024, 256, 0)
     q, scales, zeros = gptq_quantize(weight, 2 * x.T @ x / len(x), 4, 64, act_order=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -12,10 +14,27 @@ from fastllama.nn import INT4_GROUPS, QuantLinear, from_spec, int4_group_for, to
 
 pytestmark = pytest.mark.unit
 
-# Gaussian weights on a min-max grid: about 6 dB per bit minus the outliers' cost. The kernel runs on bfloat16
-# activations, so its output matches x @ dequantize().T only to bfloat16 precision (~50 dB).
-SQNR_DB = {4: 18.0, 8: 38.0}
-KERNEL_SQNR_DB = 40.0
+# SQNR bounds, derived. A min-max grid of L steps over a range R rounds each weight with an error uniform over a step
+# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 4-bit is asymmetric per group of
+# g inputs (R = max - min of the group, L = 15); 8-bit symmetric per row of n inputs (R = 2 max|w|, L = 254). The
+# kernel adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB against x @ Ŵ.T (400
+# seeds), whatever the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the test's own
+# estimate had means within 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB) and,
+# with 64 activation rows, a standard deviation of at most 0.45 dB (16 outputs, the fewest). A bound 3 dB under the
+# expectation is more than 6 standard deviations away: chance cannot break it, a grid off by one step does.
+# The kernel's bound sits 6.6 dB (25 standard deviations) under its measured 52.6 dB.
+MARGIN_DB = 3.0
+KERNEL_NOISE = 10 ** -5.26  # the kernel's bfloat16 rounding, as a noise-to-signal power ratio (52.6 dB)
+KERNEL_SQNR_DB = 46.0
+
+
+def expected_sqnr_db(bits: int, n: int, draws: int = 8192) -> float:
+    """Expected SQNR (dB) of the kernel's output for N(0, 1) weights on a min-max grid over `n` of them (a 4-bit
+    group, or an 8-bit row): 12 L² / E[R²] from `draws` seeded samples of the range R, plus the kernel's rounding."""
+    w = torch.randn(draws, n, generator=torch.Generator().manual_seed(0))
+    steps, width = (15, w.amax(1) - w.amin(1)) if bits == 4 else (254, 2 * w.abs().amax(1))
+    noise = (width ** 2).mean().item() / (12 * steps ** 2)
+    return -10 * math.log10(noise + KERNEL_NOISE)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -42,14 +61,18 @@ layers = st.fixed_dictionaries({
 
 @settings(max_examples=20, deadline=None)
 @given(layers)
+# found by exploration (17.99 dB against the old, guessed bound of 18 dB; expected 19.2): 4-bit min-max in groups of
+# 256 lands near 19 dB by its nature, so the bound is now derived (see expected_sqnr_db)
+@example({"bits": 4, "group": 256, "groups": 1, "out": 16, "bias": False, "seed": 930})
 def test_sqnr_against_float_and_dequantized(p):
     linear = make_linear(p["group"] * p["groups"], p["out"], p["bias"], p["seed"])
     q = QuantLinear.from_float(linear, p["bits"], p["group"])
-    x = torch.randn(2, 5, linear.in_features)
+    x = torch.randn(64, linear.in_features)
     with torch.no_grad():
         y, ref = q(x), linear(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
-    assert sqnr(ref, y) > SQNR_DB[p["bits"]]
+    n = p["group"] if p["bits"] == 4 else linear.in_features  # the weights one grid spans
+    assert sqnr(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
     assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
 
 
@@ -104,7 +127,7 @@ def test_activations_of_any_float_dtype(dtype):
     x = torch.randn(4, 128)
     y = q(x.to(dtype))
     assert y.dtype == dtype and q.bias.dtype == dtype
-    assert sqnr(linear(x).detach(), y.float()) > SQNR_DB[4] - 3
+    assert sqnr(linear(x).detach(), y.float()) > expected_sqnr_db(4, 32) - MARGIN_DB - 3  # + the dtype's rounding
 
 
 @settings(max_examples=10, deadline=None)
@@ -145,7 +168,7 @@ def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
     """int4 kernels need out_features, the int8 kernel in_features, divisible by 16: padded inside, invisibly."""
     linear = make_linear(*shape, bias=True)
     q = QuantLinear.from_float(linear, bits, 32)
-    x = torch.randn(3, shape[0])
+    x = torch.randn(64, shape[0])
     assert q.dequantize().shape == linear.weight.shape
     assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > KERNEL_SQNR_DB
     fresh = from_spec(to_spec(q))

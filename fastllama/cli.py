@@ -117,23 +117,24 @@ def _add_search(sub) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
-    import copy
     import json
+    from pathlib import Path
 
     from .data import load_race
-    from .search import search_pruning, search_table
+    from .search import search, search_table
 
     model, tok = _load(args)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: RACE accuracy needs a real model")
     race = load_race(args.data, limit=args.limit)
     calib = _calib(args, model, tok)
-    results = [search_pruning(copy.deepcopy(model), tok, quant=q.strip(), dim=d.strip(), floor=args.floor,
-                              floor_relative=args.floor_relative, importance=args.importance, race=race,
-                              calib=calib, tol=args.tol)
-               for q in args.quant.split(",") for d in args.dim.split(",")]
-    with open(args.json, "w") as f:
-        json.dump([r.to_dict() for r in results], f, indent=2)
+
+    def save(results) -> None:  # after every (quant, dim) pair: a later failure loses nothing found before it
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+
+    results = search(model, tok, [q.strip() for q in args.quant.split(",")], [d.strip() for d in args.dim.split(",")],
+                     floor=args.floor, floor_relative=args.floor_relative, importance=args.importance, race=race,
+                     calib=calib, tol=args.tol, on_result=save)
     print(search_table(results))
     print(f"wrote {args.json}")
 

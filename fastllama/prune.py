@@ -83,7 +83,8 @@ def _fold_mlp(mlp: nn.Module) -> int | None:
     column is pruned (input pruning), and those whose up row, or gate row where act(0) = 0, is pruned (output
     pruning, without biases). gate/up then compute fewer rows and down reads them directly: no down input gather,
     no gate/up output scatter, and fewer bytes than the per-linear swaps hold. Returns the kept width, or None
-    where nothing folds (biases, or a 4-bit down_proj whose kept columns are not whole groups)."""
+    where nothing folds (biases, no channel left at all, or a 4-bit down_proj whose kept columns are not whole
+    groups)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     act = getattr(mlp, "act_fn", None)
     act_kills = act is not None and float(act(torch.zeros(1))) == 0.0  # then a pruned gate row zeroes its channel
@@ -96,7 +97,7 @@ def _fold_mlp(mlp: nn.Module) -> int | None:
         if isinstance(proj, kept_by):
             keep &= torch.zeros(width, dtype=torch.bool).index_fill_(0, proj.keep.cpu(), True)
     kept = keep.nonzero().flatten()
-    if kept.numel() == width:
+    if kept.numel() in (0, width):  # nothing to fold, or every channel: the swaps already compute the zero MLP
         return None
     if isinstance(down, PrunedInputLinear):
         cols, down_core = _positions(down.keep, kept), down.inner
@@ -199,3 +200,21 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
         config.num_attention_heads = config.num_key_value_heads * rep
     log.info("pruned %s by %.3g (%s importance)", dim, amount, importance)
     return model
+
+
+def max_amount(model: nn.Module, dim: str, targets: list[str] | tuple[str, ...] | None = None) -> float:
+    """The largest pruning amount along `dim` that leaves one unit of every layer it prunes: an input channel (a
+    whole group for a 4-bit linear), an output channel, an MLP channel, or a KV group (of `config`)."""
+    if dim not in DIMS:
+        raise ValueError(f"unknown pruning dim {dim!r}; valid: {', '.join(DIMS)}")
+    if dim == "heads":
+        units = [model.config.num_key_value_heads]
+    else:
+        leaf = {"mlp": ("down_proj",)}.get(dim, tuple(TARGETS if targets is None else targets))
+        linears = [m for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]
+        if not linears:
+            raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune")
+        units = [m.out_features if dim == "output" else
+                 m.in_features // (getattr(m, "in_granularity", 1) if dim == "input" else 1) for m in linears]
+    n = min(units)
+    return (n - 1) / n

@@ -110,6 +110,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                          "save the model again") from e
 
 
+def _short(e: Exception) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    return " ".join(str(e).split())[:600]
+
+
 def _build(meta: dict) -> nn.Module:
     """The model of the saved config, in the saved dtype, with each saved linear's spec swapped in."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -140,11 +145,16 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     state |= {key: state[origin] for key, origin in meta["aliases"].items() if origin in state}
     try:
         model = _build(meta)
+    except (ValueError, KeyError, AttributeError) as e:  # a config or module spec this version cannot build
+        saved = meta.get("versions", {}).get("fastllama", "an unknown version")
+        raise ValueError(f"{path / META_FILE} describes a model this fastllama ({__version__}, saved by {saved}) "
+                         f"cannot build: {type(e).__name__}: {_short(e)}; load it with the fastllama that saved it, "
+                         "or save the model again") from e
+    try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError, AttributeError) as e:
-        detail = " ".join(str(e).split())[:600]
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / META_FILE} ({type(e).__name__}: {detail}); "
-                         "the files come from different saves: save the model again") from e
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / META_FILE}: {_short(e)}; the two files come "
+                         "from different saves: save the model again") from e
     model = model.to(device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():

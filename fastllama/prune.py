@@ -179,6 +179,12 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
     if not names:
         raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune; "
                          f"pass targets= with the names of its linears")
+    widths = _units(model, dim, targets)
+    kept = [mlp_keep_count(n, amount) if dim == "mlp" else n - round(amount * n) for n in widths]
+    if kept == widths:
+        log.warning("prune:%s=%g removes nothing: every layer keeps all its units (%s of them; round(amount x n) "
+                    "is 0, or the kernel rounding restores it); the smallest amount that removes one unit of the "
+                    "widest layer is %.2g", dim, amount, "/".join(map(str, sorted(set(widths)))), 0.5 / max(widths))
     norms = activation_norms(model, calib, names) if importance == "act" else None
     modules, config = dict(model.named_modules()), getattr(model, "config", None)
     blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
@@ -202,19 +208,23 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
     return model
 
 
+def _units(model: nn.Module, dim: str, targets: tuple[str, ...]) -> list[int]:
+    """What pruning along `dim` counts in each layer it prunes: input channels (whole groups of a 4-bit linear),
+    output channels, MLP channels, or KV groups (of `config`)."""
+    if dim == "heads":
+        return [model.config.num_key_value_heads]
+    leaf = ("down_proj",) if dim == "mlp" else targets
+    linears = [m for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]
+    return [m.out_features if dim == "output" else
+            m.in_features // (getattr(m, "in_granularity", 1) if dim == "input" else 1) for m in linears]
+
+
 def max_amount(model: nn.Module, dim: str, targets: list[str] | tuple[str, ...] | None = None) -> float:
-    """The largest pruning amount along `dim` that leaves one unit of every layer it prunes: an input channel (a
-    whole group for a 4-bit linear), an output channel, an MLP channel, or a KV group (of `config`)."""
+    """The largest pruning amount along `dim` that leaves one unit of every layer it prunes (see `_units`)."""
     if dim not in DIMS:
         raise ValueError(f"unknown pruning dim {dim!r}; valid: {', '.join(DIMS)}")
-    if dim == "heads":
-        units = [model.config.num_key_value_heads]
-    else:
-        leaf = {"mlp": ("down_proj",)}.get(dim, tuple(TARGETS if targets is None else targets))
-        linears = [m for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]
-        if not linears:
-            raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune")
-        units = [m.out_features if dim == "output" else
-                 m.in_features // (getattr(m, "in_granularity", 1) if dim == "input" else 1) for m in linears]
+    units = _units(model, dim, tuple(TARGETS if targets is None else targets))
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no linear layers to prune along {dim}")
     n = min(units)
     return (n - 1) / n

@@ -41,8 +41,10 @@ def _modules(model: nn.Module) -> dict[str, dict]:
     return specs
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None = None) -> Path:
-    """Write `model` (any mix of float, quantized and pruned linears) to the directory `path`; returns it."""
+def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None = None,
+         calibration: str | None = None) -> Path:
+    """Write `model` (any mix of float, quantized and pruned linears) to the directory `path`; returns it.
+    `calibration` records where the recipe's calibration text came from (see `data.calibration_with_source`)."""
     from safetensors.torch import save_file
     import transformers
 
@@ -62,6 +64,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None 
         "format": FORMAT,
         "versions": {"fastllama": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "recipe": None if recipe is None else str(recipe),
+        "calibration": calibration,
         "dtype": str(float_dtype).removeprefix("torch."),
         "config": model.config.to_dict(),
         "modules": _modules(model),

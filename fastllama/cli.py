@@ -127,7 +127,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: RACE accuracy needs a real model")
     race = load_race(args.data, limit=args.limit)
-    calib = _calib(args, model, tok)
+    calib, _ = _calib(args, model, tok)
 
     def save(results) -> None:  # after every (quant, dim) pair: a later failure loses nothing found before it
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
@@ -147,12 +147,14 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calib(args: argparse.Namespace, model, tok):
-    from .data import calibration
+    """(calibration ids, their source) as the calibration arguments ask."""
+    from .data import calibration_with_source
 
-    return calibration(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
+    return calibration_with_source(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
 
 
-def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float) -> None:
+def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float,
+                     calib_source: str | None = None) -> None:
     """Print the size before (GB, `bench.model_gb`) -> after, and save the model to --out when given."""
     from .bench import model_gb
 
@@ -161,7 +163,7 @@ def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: 
     if args.out:
         from .checkpoint import save
 
-        save(model, args.out, tokenizer=tok, recipe=recipe)
+        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source)
         print(f"saved to {args.out}")
 
 
@@ -184,11 +186,12 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     from .prune import prune_model
 
     model, tok = _load(args)
-    calib = _calib(args, model, tok) if args.importance == "act" else None
+    calib, source = _calib(args, model, tok) if args.importance == "act" else (None, None)
     targets = args.targets.split(",") if args.targets else None
     before = model_gb(model)
     prune_model(model, args.amount, dim=args.dim, importance=args.importance, calib=calib, targets=targets)
-    _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before)
+    _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before,
+                     source)
 
 
 def _add_drop(sub) -> None:
@@ -206,8 +209,9 @@ def _cmd_drop(args: argparse.Namespace) -> None:
 
     model, tok = _load(args)
     before = model_gb(model)
-    drop_layers(model, args.layers, _calib(args, model, tok))
-    _save_compressed(args, model, tok, f"drop:layers={args.layers}", before)
+    calib, source = _calib(args, model, tok)
+    drop_layers(model, args.layers, calib)
+    _save_compressed(args, model, tok, f"drop:layers={args.layers}", before, source)
 
 
 # ---------------------------------------------------------------- compress
@@ -230,15 +234,14 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
     recipe = parse_recipe(args.recipe)  # bad recipes fail before the model loads
     model, tok = _load(args)
-    calib = None
+    calib, source = None, None
     if recipe.needs_calibration:
-        calib = _calib(args, model, tok)  # logs its source: the text given, C4, or samples of the model
-        print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from "
-              f"{args.calib or 'C4 if reachable, else text sampled from the model (see the log)'}")
+        calib, source = _calib(args, model, tok)  # the text given, C4, or samples of the model
+        print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     before, start = model_gb(model), time.perf_counter()
     compress(model, recipe, calib, tok)
     print(f"compressed in {time.perf_counter() - start:.1f} s")
-    _save_compressed(args, model, tok, str(recipe), before)
+    _save_compressed(args, model, tok, str(recipe), before, source)
 
 
 # ---------------------------------------------------------------- eval
@@ -272,7 +275,7 @@ def _load_with_recipe(args: argparse.Namespace, recipe=None):
     if recipe is not None:
         from .recipes import compress
 
-        compress(model, recipe, _calib(args, model, tok) if recipe.needs_calibration else None, tok)
+        compress(model, recipe, _calib(args, model, tok)[0] if recipe.needs_calibration else None, tok)
     return model, tok
 
 

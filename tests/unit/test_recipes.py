@@ -143,12 +143,17 @@ def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     assert isinstance(model.model.layers[0].self_attn.q_proj.inner, QuantLinear)
 
 
-def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys):
+def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys, monkeypatch):
+    """No hub and no --calib: the silent fallback to the model's own samples is printed and recorded."""
+    from fastllama import data
+    from fastllama.checkpoint import read_meta
     from fastllama.cli import main
 
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=2.0: False)
     assert main(["compress", "--model", "random:tiny", "--recipe", "gptq:bits=8", "--nsamples", "2", "--seqlen", "8",
                  "--out", str(tmp_path / "m")]) == 0
-    assert "calibration: 2 x 8 tokens from" in capsys.readouterr().out
+    assert "calibration: 2 x 8 tokens from model samples" in capsys.readouterr().out
+    assert read_meta(tmp_path / "m")["calibration"] == "model samples"
 
 
 @pytest.mark.parametrize("argv, message", [

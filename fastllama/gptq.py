@@ -92,8 +92,7 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
             for parent, name, linear in _linears(layer):
                 setattr(parent, name, _rtn(linear, config))
         if config.lm_head:
-            _untie(model)
-            model.lm_head = _rtn(model.lm_head, config)
+            quantize_head_(model, config)
     if config.bits == 4:
         _log_group_fallbacks(model, config)
     log.info("quantized to %d bits (%s) in %.1f s", config.bits, type(config).__name__, time.perf_counter() - start)
@@ -124,6 +123,13 @@ def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
 
 def _rtn(linear: nn.Linear, config: RTNConfig) -> QuantLinear:
     return QuantLinear.from_float(linear, config.bits, _group(linear, config))
+
+
+def quantize_head_(model: nn.Module, config: RTNConfig) -> nn.Module:
+    """Round-to-nearest of the output head alone, untied from the embedding (which stays float); returns `model`."""
+    _untie(model)
+    model.lm_head = _rtn(model.lm_head, config)
+    return model
 
 
 def _untie(model: nn.Module) -> None:

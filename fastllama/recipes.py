@@ -8,7 +8,12 @@ A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset 
     prune:input=0.10,importance=l1                                  one of input/output/mlp/heads = the fraction
                                                                     pruned; importance l1 or act (calibration)
     drop:layers=4                                                   drop the 4 most redundant layers (calibration)
+    head:bits=8                                                     round-to-nearest of the output head alone
     cast:dtype=bf16                                                 cast the float weights (bf16, fp16, fp32)
+
+`auto` (in `head:bits=auto` and `cast:dtype=auto`) is decided by `fastllama.hardware.policy` for the device the
+model is on when it is compressed: on a GPU the head stays float and float parts are bf16; on a CPU the head is
+int8 and float parts are bf16 where the CPU computes bf16 natively, else float32.
 
 Quantize-then-prune is one recipe, e.g. `gptq:bits=4,group=128 + prune:input=0.10`: the pruned linears stay
 quantized (see fastllama.nn). Omitted keys take their defaults; presets (PRESETS) may be combined with steps.
@@ -21,27 +26,29 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_
+from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_, quantize_head_
+from .hardware import policy
 from .models import resolve_dtype
 from .nn import check_amount
 from .prune import DIMS, IMPORTANCE
 
-BF16 = "cast:dtype=bf16"
-# The quantized presets keep their float parts (embeddings, norms, an unquantized head) in bf16, as the reference
-# study's ran in fp16: quantized from the loaded model, then cast (a no-op on a GPU, where models load in bf16).
-# On the CPU that is also the faster form: no casts around each kernel and half the head's bytes (58 -> 70 tok/s
-# for gptq4 on the embedded model).
+AUTO = "head:bits=auto + cast:dtype=auto"
+# The quantized presets finish by the hardware policy (fastllama.hardware.policy): on a GPU the float parts are bf16
+# and the head stays float, as the reference study's fp16; on a CPU the head (the largest matmul of small models)
+# is int8 and the float parts are bf16 where bf16 is native, else float32 (emulated bf16 cost 34 ms a token for the
+# embedded model's head on an AVX2 EPYC against 4.7 in float32).
 PRESETS = {  # the reference study's recipes, and a few more
-    "bf16": BF16,
+    "bf16": "cast:dtype=bf16",
     "fp32": "cast:dtype=fp32",  # the CPU's natural base for plain generate
-    "gptq4": f"gptq:bits=4,group=128 + {BF16}",
-    "gptq8": f"gptq:bits=8 + {BF16}",
-    "gptq4-prune-in10": f"gptq:bits=4,group=128 + {BF16} + prune:input=0.10",
-    "gptq8-prune-in35": f"gptq:bits=8 + {BF16} + prune:input=0.35",
+    "base": "cast:dtype=auto",  # the unquantized model in the policy's float dtype
+    "gptq4": f"gptq:bits=4,group=128 + {AUTO}",
+    "gptq8": f"gptq:bits=8 + {AUTO}",
+    "gptq4-prune-in10": f"gptq:bits=4,group=128 + {AUTO} + prune:input=0.10",
+    "gptq8-prune-in35": f"gptq:bits=8 + {AUTO} + prune:input=0.35",
     "prune-out01": "prune:output=0.01",
-    "int8wo": f"int8wo + {BF16}",
-    "rtn4": f"rtn:bits=4,group=128 + {BF16}",
-    "rtn8": f"rtn:bits=8 + {BF16}",
+    "int8wo": f"int8wo + {AUTO}",
+    "rtn4": f"rtn:bits=4,group=128 + {AUTO}",
+    "rtn8": f"rtn:bits=8 + {AUTO}",
     "prune-mlp25": "prune:mlp=0.25",
 }
 
@@ -77,10 +84,22 @@ class DropStep:
 class CastStep:
     """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales)."""
 
-    dtype: str = "bf16"  # bf16, fp16 or fp32
+    dtype: str = "bf16"  # bf16, fp16, fp32, or auto (the hardware policy's float dtype for the model's device)
 
     def __post_init__(self):
-        resolve_dtype(self.dtype, "cpu")
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype, "cpu")
+
+
+@dataclass
+class HeadStep:
+    """Round-to-nearest of the output head alone (the body as it is), onto the kernels' grid."""
+
+    bits: str = "auto"  # 4, 8, none (keep it float) or auto (the hardware policy's choice for the model's device)
+
+    def __post_init__(self):
+        if self.bits not in ("4", "8", "none", "auto"):
+            raise ValueError(f"head:bits={self.bits!r}; valid: 4, 8, none, auto")
 
 
 # step name -> (dataclass, {recipe key: field}); prune's amount is keyed by its dim (prune:input=0.1)
@@ -91,16 +110,17 @@ STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "int8wo": (Int8WeightOnlyConfig, {"lm_head": "lm_head"}),
     "prune": (PruneStep, {"importance": "importance"}),
     "drop": (DropStep, {"layers": "layers"}),
+    "head": (HeadStep, {"bits": "bits"}),
     "cast": (CastStep, {"dtype": "dtype"}),
 }
-Step = GPTQConfig | RTNConfig | PruneStep | DropStep | CastStep
+Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep
 
 
 @dataclass
 class Recipe:
     """Steps applied in order by `compress`; `str()` gives the full recipe text, which parses back to it."""
 
-    steps: list[Step]  # quantization configs, PruneStep, DropStep, CastStep
+    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep
 
     @property
     def needs_calibration(self) -> bool:
@@ -195,6 +215,15 @@ def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None
             prune_model(model, step.amount, step.dim, step.importance, calib)
         elif isinstance(step, DropStep):
             drop_layers(model, step.layers, calib)
+        elif isinstance(step, HeadStep):
+            bits = policy(_device(model)).head_bits if step.bits == "auto" else step.bits
+            if bits not in (None, "none") and type(model.lm_head) is nn.Linear:  # a quantized head stays as it is
+                quantize_head_(model, RTNConfig(bits=int(bits), group_size=128, lm_head=True))
         else:
-            model.to(resolve_dtype(step.dtype, "cpu"))
+            dtype = policy(_device(model)).float_dtype if step.dtype == "auto" else step.dtype
+            model.to(resolve_dtype(dtype, "cpu"))
     return model
+
+
+def _device(model: nn.Module):
+    return next(model.parameters()).device

@@ -335,8 +335,33 @@ def _add_bench(sub) -> None:
     p.add_argument("--baseline", default=None, choices=["hf"], help="hf: also time plain generate, same model")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the decode step (auto: on a GPU, with CUDA graphs; off on the CPU)")
+    p.add_argument("--engine", default="fastllama", choices=["fastllama", "llama.cpp"],
+                   help="llama.cpp: the peer alone, on the model's GGUF requantized by llama.cpp to --gguf-type (the "
+                        "embedded model or a .gguf spec; needs the peers extra)")
+    p.add_argument("--gguf-type", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32"],
+                   help="llama.cpp's quantization for --engine llama.cpp (default q4_0)")
     p.add_argument("--json", default=None, help="write the metrics to this JSON file")
     p.set_defaults(func=_cmd_bench)
+
+
+def _bench_llama_cpp(args: argparse.Namespace) -> dict:
+    """The llama.cpp peer alone, timed as the fast path is (see fastllama.peers)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .bench import compare, prompt_ids
+    from .hardware import machine
+    from .models import EMBEDDED, embedded_gguf
+    from .peers import LlamaCpp
+
+    gguf = embedded_gguf() if args.model == EMBEDDED else Path(args.model)
+    if gguf.suffix != ".gguf":
+        raise ValueError(f"--engine llama.cpp runs a GGUF: pass --model {EMBEDDED} or a .gguf file, not {args.model}")
+    model, tok = _load(args)
+    ids = prompt_ids(model, args.prompt_len, tok)
+    peer = LlamaCpp.from_gguf(gguf, args.gguf_type)
+    metrics = compare({"peer": peer.run(ids, args.new_tokens)}, args.new_tokens, args.runs)["peer"]
+    return metrics | {"engine": peer.name, "file_gb": peer.file_gb(), "machine": asdict(machine("cpu"))}
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -350,9 +375,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if swapped:
         print(f"note: GPTQ steps run as round-to-nearest with the same layout (speed does not depend on the "
               f"values): {recipe}")
-    model, tok = _load_with_recipe(args, recipe)
-    metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
-                    compile={"auto": None, "on": True, "off": False}[args.compile])
+    if args.engine == "llama.cpp":
+        metrics = _bench_llama_cpp(args)
+    else:
+        model, tok = _load_with_recipe(args, recipe)
+        metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
+                        compile={"auto": None, "on": True, "off": False}[args.compile])
     metrics |= {"model": args.model, "recipe": str(recipe) if recipe else None}
     for key, value in metrics.items():
         print(f"{key:>20}  {value:.4g}" if isinstance(value, float) else f"{key:>20}  {value}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class Decoder:
                 torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             log.info("compiling the decode step (mode=%s): the first steps take a while", mode)
-            self._step = torch.compile(Decoder.forward, mode=mode, fullgraph=True, dynamic=False)
+            self._step = torch.compile(_own_code(Decoder.forward), mode=mode, fullgraph=True, dynamic=False)
 
     def _buffers(self, attn: nn.Module, probe: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed key and value buffers shaped by what this layer's k and v projections return."""
@@ -131,6 +132,14 @@ class Decoder:
         """The next token (B, 1) after `token` (B, 1) at position `pos`."""
         self.pos.fill_(pos)
         return self._step(self, token, self.pos).argmax(-1, keepdim=True).clone()
+
+
+def _own_code(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with a code object of its own. Dynamo keeps compiled code, guards and the recompile count per
+    code object: shared by every decoder, Decoder.forward would recompile for each new model and fail hard
+    (fullgraph) at the 9th in one process, and hold every earlier model's compiled code; a decoder's own copy is
+    compiled once and freed with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # the fused kernel that takes an additive mask (flash takes none); pinned on CUDA, so a shape or dtype it cannot

@@ -214,17 +214,17 @@ def test_decoder_is_freed_without_the_garbage_collector(tiny_model, compile):
         gc.enable()
 
 
-def test_each_compiled_decoder_compiles_its_own_step(sharp, monkeypatch):
+def test_each_compiled_decoder_compiles_its_own_step(sharp):
     """Dynamo caches compiled code per code object: were every decoder's step Decoder.forward itself, each new
     model would recompile it, and fullgraph fails hard at the recompile limit (8: the 9th recipe of a perf run).
     With the limit at 1 here, three decoders of different shapes each still compile once and agree with eager."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     ids = torch.randint(0, 512, (1, 6))
-    for max_len in (9, 10, 11):
-        decoder = Decoder(sharp, max_len, compile=True)
-        decoder._step = torch.compile(decoder._step._torchdynamo_orig_callable, backend="eager", fullgraph=True,
-                                      dynamic=False)  # its own step, traced by dynamo without inductor
-        assert torch.equal(generate(sharp, ids, 3, decoder=decoder), generate(sharp, ids, 3, compile=False))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for max_len in (9, 10, 11):
+            decoder = Decoder(sharp, max_len, compile=True)
+            decoder._step = torch.compile(decoder._step._torchdynamo_orig_callable, backend="eager", fullgraph=True,
+                                          dynamic=False)  # its own step, traced by dynamo without inductor
+            assert torch.equal(generate(sharp, ids, 3, decoder=decoder), generate(sharp, ids, 3, compile=False))
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])

@@ -89,7 +89,6 @@ def _reset_peak_rss() -> bool:
 
     Memory freed while loading stays resident in glibc's heap until trimmed, by a different amount each run
     (measured: 0.63-0.96 GB after loading the same 0.17 GB model), so it is handed back first."""
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
@@ -100,6 +99,17 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _reset_peaks(device: torch.device) -> bool:
+    """Start the peak-memory windows: collect garbage first (a previous model still held by reference cycles would
+    count in this one's peak), wait for the GPU, then reset the CUDA allocator's peak and the peak RSS (returns
+    whether that could be reset, see `_reset_peak_rss`)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return _reset_peak_rss()
 
 
 def _peak_rss_gb() -> float:
@@ -245,10 +255,7 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
     if decoder.max_len < prompt_len + new_tokens:
         raise ValueError(f"the decoder holds {decoder.max_len} positions, fewer than prompt_len + new_tokens = "
                          f"{prompt_len + new_tokens}; build it with a larger max_len")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = _reset_peak_rss()  # so peak_rss_gb is the peak while decoding, not while loading
+    rss_reset = _reset_peaks(device)  # so the peaks are this model's while decoding, not while loading
     metrics = compare({"fast": fast_run(decoder, ids, new_tokens)}, new_tokens, runs)["fast"]
     name = device_name(device)
     size, peak_tbs = model_gb(model), peak_bandwidth_tbs(name)

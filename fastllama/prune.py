@@ -150,8 +150,8 @@ def _prune_heads(attn: nn.Module, amount: float, norm: Tensor | None, n_kv: int,
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             score = score + _score(float_weight(proj), 0, None).view(n_kv, -1).sum(1)
     groups = top_channels(score, n_keep(n_kv, amount, "KV head groups"))
-    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim)).flatten()
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).flatten()
+    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim, device=groups.device)).flatten()
     attn.q_proj, attn.o_proj = select(attn.q_proj, 0, q_rows), select(attn.o_proj, 1, q_rows)
     attn.k_proj, attn.v_proj = select(attn.k_proj, 0, kv_rows), select(attn.v_proj, 0, kv_rows)
     return groups.numel()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_, quantize_head_
@@ -82,7 +83,8 @@ class DropStep:
 
 @dataclass
 class CastStep:
-    """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales)."""
+    """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales; rotary
+    frequencies stay float32)."""
 
     dtype: str = "bf16"  # bf16, fp16, fp32, or auto (the hardware policy's float dtype for the model's device)
 
@@ -221,9 +223,19 @@ def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None
                 quantize_head_(model, RTNConfig(bits=int(bits), group_size=128, lm_head=True))
         else:
             dtype = policy(_device(model)).float_dtype if step.dtype == "auto" else step.dtype
-            model.to(resolve_dtype(dtype, "cpu"))
+            _cast(model, resolve_dtype(dtype, "cpu"))
     return model
 
 
-def _device(model: nn.Module):
+def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, except the rotary embeddings' buffers (inv_freq and the like), which stay float32 as in a
+    model loaded in `dtype`: in bfloat16 the frequencies alone move cos by up to 0.36 within 2048 positions."""
+    rotary = [(m, dict(m.named_buffers(recurse=False))) for m in model.modules() if "Rotary" in type(m).__name__]
+    model.to(dtype)
+    for module, buffers in rotary:
+        for name, buffer in buffers.items():
+            setattr(module, name, buffer)

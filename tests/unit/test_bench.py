@@ -49,6 +49,35 @@ def test_plain_generate_gives_one_interval_per_new_token(tiny_model):
     assert len(hf_run(tiny_model, torch.arange(8)[None], 5)()) == 5
 
 
+def test_peak_memory_is_reset_after_collecting_and_synchronizing(monkeypatch):
+    """The CUDA peak is reset only after gc.collect() (a previous model held by reference cycles is freed first)
+    and a synchronize (its pending frees are done): reset before them, the peak would include that model."""
+    import gc
+
+    import fastllama.bench as bench_module
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc.collect") or 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset_peak_memory_stats"))
+    monkeypatch.setattr(bench_module, "_reset_peak_rss", lambda: calls.append("reset_peak_rss") or True)
+    assert bench_module._reset_peaks(torch.device("cuda")) is True
+    assert calls == ["gc.collect", "synchronize", "reset_peak_memory_stats", "reset_peak_rss"]
+    calls.clear()
+    bench_module._reset_peaks(torch.device("cpu"))
+    assert calls == ["gc.collect", "reset_peak_rss"]
+
+
+def test_bench_resets_the_peaks_before_decoding(tiny_model, monkeypatch):
+    import fastllama.bench as bench_module
+
+    calls, reset, run = [], bench_module._reset_peaks, bench_module._run_fast
+    monkeypatch.setattr(bench_module, "_reset_peaks", lambda device: calls.append("reset") or reset(device))
+    monkeypatch.setattr(bench_module, "_run_fast", lambda *a: calls.append("run") or run(*a))
+    bench(tiny_model, prompt_len=4, new_tokens=2, runs=1)
+    assert calls == ["reset", "run", "run"]  # once, before the warm-up run and the timed one
+
+
 @pytest.mark.parametrize("name, tbs", [("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0),
                                        ("NVIDIA H100 NVL", 3.9), ("NVIDIA H200", 4.8), ("NVIDIA GH200 480GB", 4.0),
                                        ("NVIDIA A100-SXM4-80GB", None), ("cpu (2 threads)", None)])

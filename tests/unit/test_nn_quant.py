@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fastllama.nn
 from fastllama.nn import INT4_GROUPS, QuantLinear, from_spec, int4_group_for, to_spec
 
 pytestmark = pytest.mark.unit
@@ -196,15 +202,94 @@ def test_group_fallback_picks_the_largest_dividing_group():
         int4_group_for(100, 128)
 
 
+def test_cuda_int8_formulation_matches_the_cpu_kernel():
+    """The 8-bit form every device but the CPU runs (`F.linear(x, q) * scales`, fused by inductor), run here on CPU
+    tensors, equals the CPU's `_weight_int8pack_mm` up to bfloat16 rounding: both accumulate in float32, the linear
+    form rounds twice (the dot product, then its product with the scale), so each output is within 2 ulps (2^-7)."""
+    from fastllama.nn import _int8_linear
+
+    q = QuantLinear.from_float(make_linear(576, 96, seed=3), bits=8)
+    x = torch.randn(5, 576).to(torch.bfloat16)
+    kernel = torch.ops.aten._weight_int8pack_mm(x, q.packed, q.scales)
+    linear = _int8_linear(x, q.packed, q.scales)
+    assert linear.dtype == kernel.dtype == torch.bfloat16
+    torch.testing.assert_close(linear.float(), kernel.float(), rtol=2 ** -7, atol=0)
+    assert sqnr(nn.functional.linear(x.float(), q.dequantize()), linear.float()) > KERNEL_SQNR_DB
+
+
+UNPACK_CHECK = """
+import sys
+import torch
+from fastllama.nn import QuantLinear
+if torch.backends.cpu.get_cpu_capability() != sys.argv[1]:
+    sys.exit(3)  # this CPU cannot run that capability
+for out in (16, 48, 80, 112, 144, 208):  # full and partial row blocks (64 rows on AVX512, 32 on AVX2)
+    for cols in (32, 64, 96, 192, 256):
+        q = torch.randint(0, 16, (out, cols), generator=torch.Generator().manual_seed(out * cols))
+        module = QuantLinear.from_values(q, torch.rand(out, cols // 32), torch.rand(out, cols // 32), None, 4, 32)
+        assert torch.equal(module.values()[0], q), (out, cols)
+"""
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("capability", [c for c in CAPABILITIES if c != torch.backends.cpu.get_cpu_capability()])
+def test_cpu_int4_packing_unpacks_exactly_on_other_cpu_capabilities(capability):
+    """The CPU int4 layout differs by capability (ATEN_CPU_CAPABILITY picks it; this process's own is checked by
+    the tests above): the unpacked integers are the packed ones, for full and partial row blocks."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower(), "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", UNPACK_CHECK, capability], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode == 3:
+        pytest.skip(f"this CPU cannot run {capability}")
+    assert done.returncode == 0, done.stderr
+
+
+@settings(max_examples=20, deadline=None)
+@given(blocks=st.integers(1, 14), groups=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_cpu_int4_packing_unpacks_exactly(blocks, groups, seed):
+    """values() reads the CPU int4 packing back directly, for full and partial blocks of rows (multiples of 16)."""
+    out, cols = 16 * blocks, 32 * groups
+    q = torch.randint(0, 16, (out, cols), generator=torch.Generator().manual_seed(seed))
+    module = QuantLinear.from_values(q, torch.rand(out, groups), torch.rand(out, groups), None, 4, 32)
+    assert torch.equal(module.values()[0], q)
+    assert torch.equal(module.state_dict()["qweight"], (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8))
+
+
+def test_moving_a_loaded_4bit_model_never_reads_back_through_the_kernel(tiny_model, tmp_path, monkeypatch):
+    """The load path onto a GPU (checkpoint.load on the CPU, then .to(device)) unpacks the CPU packing directly:
+    neither values() nor the int4 kernel (reading an identity matrix back through it, O(in² · out)) runs.
+    'meta' stands in for the GPU, as the repacking does not depend on the target."""
+    from fastllama.checkpoint import load, save
+    from fastllama.gptq import RTNConfig, quantize_
+
+    save(quantize_(tiny_model, RTNConfig(bits=4, group_size=32)), tmp_path / "m")
+    expect = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the int4 values were read back through the kernel")
+
+    monkeypatch.setattr(QuantLinear, "values", forbidden)
+    monkeypatch.setattr(fastllama.nn, "_int4_mm", forbidden)
+    model, _ = load(tmp_path / "m")
+    moved = copy.deepcopy(model).to("meta")
+    q = moved.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.packed.device.type == "meta"
+    state = model.state_dict()  # the portable form, unpacked on the CPU: what .to() repacks
+    assert all(torch.equal(state[k], v) for k, v in expect.items())
+
+
 def test_cuda_kernel_matches_cpu(cuda):
-    """`.to("cuda")` repacks for tinygemm; the integers and scales survive the trip exactly."""
+    """`.to("cuda")` repacks for tinygemm (4-bit) and the fused linear form (8-bit): the same integers and
+    scales, the same outputs up to the kernels' bfloat16 rounding, compared with a CPU copy made before the move
+    (Module.to moves in place and returns the module itself)."""
     for bits in (4, 8):
-        linear = make_linear(576, 64, bias=True)
-        q = QuantLinear.from_float(linear, bits, 64)
-        state = q.state_dict()
-        q_cuda = q.to(cuda)
-        assert q_cuda.packed.is_cuda
+        on_cpu = QuantLinear.from_float(make_linear(576, 64, bias=True), bits, 64)
+        state = on_cpu.state_dict()
+        on_gpu = copy.deepcopy(on_cpu).to(cuda)
+        assert on_gpu.packed.is_cuda and not on_cpu.packed.is_cuda
         x = torch.randn(5, 576)
-        assert sqnr(q(x), q_cuda(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
-        for k, v in q_cuda.state_dict().items():
+        assert sqnr(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
+        for k, v in on_gpu.state_dict().items():
             assert torch.equal(v.cpu(), state[k])
+        back = copy.deepcopy(on_gpu).to("cpu")
+        assert torch.equal(back(x), on_cpu(x))

@@ -141,6 +141,16 @@ def test_heads_coupled_equals_masking_the_kv_group(tiny_model, importance):
     torch.testing.assert_close(_logits(tiny_model), _logits(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dim", ["mlp", "heads"])
+def test_coupled_pruning_stays_on_the_model_device(tiny_model, dim):
+    """A meta-device copy stands in for a GPU: an index built on the CPU and used on the weights' device raises
+    the same device mismatch there (heads pruning built its row indices with a bare torch.arange)."""
+    model = prune_model(tiny_model.to("meta"), 0.5, dim=dim)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert (attn.q_proj.out_features, mlp.gate_proj.out_features) == ((64, 256) if dim == "heads" else (128, 128))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 @pytest.mark.parametrize("dim", ["input", "output", "mlp", "heads"])
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_generate_after_pruning(tiny_model, dim, cache):

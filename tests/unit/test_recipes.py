@@ -161,6 +161,21 @@ def test_cast_step(tiny_model):
     assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("recipe", ["bf16", "gptq4", "fp32 + cast:dtype=fp16"])
+def test_cast_keeps_the_rotary_frequencies_in_float32(tiny_model, recipe):
+    """As in a model loaded in bfloat16: inv_freq (and every other rotary buffer) stays float32, so cos and sin are
+    the float32 model's, rounded once to the model's dtype."""
+    positions = torch.arange(2048)[None]
+    ref_cos, _ = tiny_model.model.rotary_emb(torch.empty(0), positions)
+    compress(tiny_model, recipe, torch.randint(0, 512, (2, 16)))
+    rotary = tiny_model.model.rotary_emb
+    assert {name: b.dtype for name, b in rotary.named_buffers()} == {"inv_freq": torch.float32,
+                                                                     "original_inv_freq": torch.float32}
+    dtype = tiny_model.model.embed_tokens.weight.dtype
+    cos, _ = rotary(torch.empty(0, dtype=dtype), positions)
+    assert torch.equal(cos, ref_cos.to(dtype))
+
+
 # ---------------------------------------------------------------- the `fastllama compress` subcommand
 def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     from fastllama.checkpoint import load

@@ -19,11 +19,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from .generate import Decoder
+from .hardware import machine
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,7 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
         "model_gb": size,
         "bandwidth_frac": size * metrics["tokens_per_s"] / (peak_tbs * 1000) if peak_tbs else None,
         "device": name,
+        "machine": asdict(machine(device)),  # read right after timing, so its load average is the timing's
         "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "compiled": decoder.compiled,
     }
     if baseline == "hf":

@@ -234,7 +234,7 @@ def _place_labels(ax, pts: list[tuple[float, float, int]], colors: list) -> None
         w, h = (v + 2 * pad for v in probe.get_window_extent(renderer).size)
         probe.remove()
         spots = ((r * math.cos(a), r * math.sin(a)) for r in np.arange(radius, 40 * radius, 2.0)
-                 for a in np.pi / 4 + np.linspace(0, 2 * np.pi, max(8, int(r / 2)), endpoint=False))
+                 for a in np.linspace(0, 2 * np.pi, max(8, int(r / 2)), endpoint=False))  # rightwards first
         for dx, dy in spots:
             box = Bbox.from_bounds(cx + dx - w / 2, cy + dy - h / 2, w, h)
             within = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)

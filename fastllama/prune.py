@@ -228,3 +228,17 @@ def max_amount(model: nn.Module, dim: str, targets: list[str] | tuple[str, ...] 
         raise ValueError(f"{type(model).__name__} has no linear layers to prune along {dim}")
     n = min(units)
     return (n - 1) / n
+
+
+def pruned_fraction(model: nn.Module) -> dict[str, dict[int, float]]:
+    """The share of channels that per-linear pruning removed, by side and full width, from the kept counts of the
+    PrunedInputLinear / PrunedOutputLinear modules: e.g. {"input": {576: 0.111}, "output": {}} for
+    gptq4-prune-in10 on SmolLM2 (a 4-bit linear drops whole groups: 1 of 9, not 10%). An MLP whose pruned channels
+    were folded away (see `_fold_mlp`) shows as a narrower `config.intermediate_size` instead."""
+    counts: dict[str, dict[int, tuple[int, int]]] = {"input": {}, "output": {}}
+    for m in model.modules():
+        if isinstance(m, (PrunedInputLinear, PrunedOutputLinear)):
+            side, width = ("input", m.in_features) if isinstance(m, PrunedInputLinear) else ("output", m.out_features)
+            kept, total = counts[side].get(width, (0, 0))
+            counts[side][width] = (kept + m.keep.numel(), total + width)
+    return {side: {w: 1 - kept / total for w, (kept, total) in by.items()} for side, by in counts.items()}

@@ -316,14 +316,14 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
     A recipe that extends another one of the run (gptq4-prune-in10 extends gptq4) starts from that one's
     checkpoint, so each quantization runs once. The base model is loaded only if something needs building.
     """
-    from .checkpoint import load, save
-    from .data import calibration
+    from .checkpoint import load, read_meta, save
+    from .data import calibration_with_source
     from .models import load_model
     from .recipes import Recipe, compress
 
     folders = {name: cfg.out / "models" / _slug(name) for name in names}
     built = {str(r): folders[n] for n, r in zip(names, recipes) if not cfg.force and _cached(folders[n]) == str(r)}
-    base = tok = calib = None
+    base = tok = calib = calib_source = None
     for name, recipe in zip(names, tqdm(recipes, desc="compress", unit="recipe")):
         if str(recipe) in built:
             folders[name] = built[str(recipe)]
@@ -337,12 +337,16 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
         else:
             model = copy.deepcopy(base)
         rest = Recipe(recipe.steps[prefix:])
-        if calib is None and rest.needs_calibration:
-            calib = calibration(tok, source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, model=base)
+        source = read_meta(built[str(Recipe(recipe.steps[:prefix]))]).get("calibration") if prefix else None
+        if rest.needs_calibration:
+            if calib is None:
+                calib, calib_source = calibration_with_source(tok, source=cfg.calib, nsamples=cfg.nsamples,
+                                                              seqlen=cfg.seqlen, model=base)
+            source = calib_source
         t0 = time.perf_counter()
         model = compress(model, rest, calib=calib, tokenizer=tok)
         log.info("%s: compressed in %.1f s", name, time.perf_counter() - t0)
-        save(model, folders[name], tokenizer=tok, recipe=str(recipe))
+        save(model, folders[name], tokenizer=tok, recipe=str(recipe), calibration=source)
         built[str(recipe)] = folders[name]
         del model
     return folders

@@ -26,10 +26,12 @@ def slowed(step: Callable, fraction: float, sync: Callable[[], None] = lambda: N
 
 
 def check_floor(what: str, measured: float, floor: float, entry: dict, where: str) -> None:
-    """Fail when `measured` is under `floor`, giving both; an entry with `known_failure` xfails instead."""
+    """Fail when `measured` is under `floor`, giving both; an entry with `known_failure` xfails instead. A pass prints
+    both (`pytest -rA` shows them)."""
+    message = f"{what}: measured {measured:.4g}, floor {floor:.4g} ({where})"
+    print(message)
     if measured >= floor:
         return
-    message = f"{what}: measured {measured:.4g}, floor {floor:.4g} ({where})"
     if "known_failure" in entry:
         pytest.xfail(f"{message}; known: {entry['known_failure']}")
     pytest.fail(message)

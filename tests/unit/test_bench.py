@@ -71,9 +71,10 @@ def test_peak_memory_is_reset_after_collecting_and_synchronizing(monkeypatch):
 def test_bench_resets_the_peaks_before_decoding(tiny_model, monkeypatch):
     import fastllama.bench as bench_module
 
-    calls, reset, run = [], bench_module._reset_peaks, bench_module._run_fast
+    calls, reset, fast_run = [], bench_module._reset_peaks, bench_module.fast_run
     monkeypatch.setattr(bench_module, "_reset_peaks", lambda device: calls.append("reset") or reset(device))
-    monkeypatch.setattr(bench_module, "_run_fast", lambda *a: calls.append("run") or run(*a))
+    monkeypatch.setattr(bench_module, "fast_run",
+                        lambda *a: (lambda run: lambda: calls.append("run") or run())(fast_run(*a)))
     bench(tiny_model, prompt_len=4, new_tokens=2, runs=1)
     assert calls == ["reset", "run", "run"]  # once, before the warm-up run and the timed one
 

@@ -156,7 +156,8 @@ class Hessian:
 
 
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128, grid: str = "kernel") -> tuple[Tensor, Tensor, Tensor | None]:
+                  damp: float = 0.01, block_size: int = 128,
+                  grid: str = "kernel") -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for

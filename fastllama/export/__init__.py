@@ -62,7 +62,8 @@ def dense_weight(module: nn.Module, name: str = "") -> DenseWeight:
 def widen(w: DenseWeight, dim: int, keep: Tensor, size: int) -> DenseWeight:
     """`w` with its rows (dim=0) or columns (dim=1) placed at `keep` (ascending) among `size`, the others zero:
     0 as a float, q at the zero point with scale 0 when quantized (4-bit columns come in whole groups)."""
-    scatter = lambda t, index=keep, n=size, fill=0: None if t is None else _scatter(t, dim, index, n, fill)  # noqa: E731
+    scatter = lambda t, index=keep, n=size, fill=0: (  # noqa: E731
+        None if t is None else _scatter(t, dim, index, n, fill))
     if w.weight is not None:
         return replace(w, weight=scatter(w.weight), bias=scatter(w.bias) if dim == 0 else w.bias)
     q = scatter(w.q, fill=8 if w.bits == 4 else 0)

@@ -9,8 +9,10 @@ Quantized linears are packed as they are, never quantized again:
 A scale must be exact in float16 (grid_for makes it so); the kernels' asymmetric 4-bit grid has no GGUF type
 and is refused. Float linears and the embedding are written as F16 (or F32), norms as F32. Query and key rows
 are permuted from the Hugging Face rotary layout (halves) to llama.cpp's (pairs), whole rows at a time, so the
-blocks stay as they are. The tokenizer is a byte-level BPE one (`tokenizer.ggml.model = gpt2`); a model without
-a tokenizer (random presets) is written with llama.cpp's "none" vocabulary, to be fed token ids.
+blocks stay as they are. MLPs of different widths per layer are padded with zero channels to the widest
+(llama.cpp reads a per-layer feed_forward_length but shapes every layer's MLP as layer 0's). The tokenizer is a
+byte-level BPE one (`tokenizer.ggml.model = gpt2`); a model without one (random presets) is written with
+llama.cpp's "none" vocabulary, to be fed token ids.
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ def llama_cpp_logits(path: str | Path, ids: list[int], threads: int = 2) -> np.n
     try:
         import llama_cpp as L
     except ImportError as e:
-        raise ImportError("running a GGUF file in llama.cpp needs llama-cpp-python: pip install 'fastllama[peers]'") from e
+        raise ImportError("running a GGUF file in llama.cpp needs llama-cpp-python: "
+                          "pip install 'fastllama[peers]'") from e
     L.llama_backend_init()
     params = L.llama_model_default_params()
     params.use_extra_bufts = False  # no weight repacking: its AMX path crashes on small tensors (0.3.36)
@@ -216,7 +219,7 @@ def llama_cpp_logits(path: str | Path, ids: list[int], threads: int = 2) -> np.n
             batch.seq_id[i][0] = 0
         if L.llama_decode(ctx, batch) != 0:
             raise ValueError(f"llama.cpp failed to evaluate {len(ids)} tokens with {path}")
-        buf = ctypes.create_string_buffer(32)  # the vocabulary size from the metadata ("none" vocabularies have no tokens)
+        buf = ctypes.create_string_buffer(32)  # the vocabulary size from the metadata ("none" has no tokens)
         L.llama_model_meta_val_str(model, b"llama.vocab_size", buf, len(buf))
         vocab = int(buf.value)
         return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(ids), vocab)).copy()

@@ -244,6 +244,28 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     _save_compressed(args, model, tok, str(recipe), before, source)
 
 
+# ---------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a (compressed) model for another engine: GGUF for llama.cpp")
+    _model_args(p)
+    p.add_argument("--recipe", default=None,
+                   help="compress first, e.g. 'gptq:bits=4,group=32,grid=q4_0' (GGUF Q4_0) or 'gptq:bits=8,grid=q8_0'")
+    _calib_args(p)
+    p.add_argument("--format", required=True, choices=["gguf"], help="gguf (llama.cpp)")
+    p.add_argument("--float-type", default="f16", choices=["f16", "f32"], help="GGUF type of float tensors (default f16)")
+    p.add_argument("--pre", default=None, help="llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.gguf")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    model, tok = _load_with_recipe(args, _recipe(args))
+    path = export(model, tok, args.format, args.out, float_type=args.float_type, pre=args.pre)
+    print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="RACE accuracy or perplexity of a model, optionally compressed by a recipe first")
@@ -391,7 +413,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_eval, _add_bench]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_export, _add_eval, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ GPTQ follows the reference `fasterquant`: H = 2XXᵀ/n from the calibration inpu
 `damp` times its mean diagonal, inverted through Cholesky (upper factor of H⁻¹), and the columns quantized one
 by one with their error spread over the columns not yet quantized, in lazy blocks. The grid is the kernels'
 own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
-per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales.
+per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="q4_0"` /
+`"q8_0"` targets GGUF's grids instead (see `nn.grid_for`), which the same kernels compute with exactly.
 
 With `act_order`, columns are visited by decreasing Hessian diagonal but groups stay in natural column order
 (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static groups").
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import check_calib
-from .nn import QuantLinear, check_quant_config, dequantize_values, int4_group_for, quant_grid, quantize_values
+from .nn import GRIDS, QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ class GPTQConfig(RTNConfig):
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
     batch_size: int = 8  # calibration sequences per forward pass
+    grid: str = "kernel"  # kernel (the int4/int8 kernels' own), q4_0 (bits=4, group=32) or q8_0 (bits=8): GGUF's
 
     def __post_init__(self):
         super().__post_init__()
+        fits = {"kernel": True, "q4_0": (self.bits, self.group_size) == (4, 32), "q8_0": self.bits == 8}
+        if not fits.get(self.grid, False):
+            raise ValueError(f"grid={self.grid!r} with bits={self.bits}, group={self.group_size}; valid: kernel "
+                             "(any), q4_0 (bits=4, group=32: GGUF Q4_0), q8_0 (bits=8: GGUF Q8_0)")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp!r} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
 
@@ -156,7 +162,8 @@ class Hessian:
 
 
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128) -> tuple[Tensor, Tensor, Tensor | None]:
+                  damp: float = 0.01, block_size: int = 128,
+                  grid: str = "kernel") -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for
@@ -173,7 +180,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     zeros = torch.zeros(out, ngroups, device=W.device) if bits == 4 else None
 
     def set_grid(g: int, w: Tensor) -> None:
-        scales[:, g], zero = quant_grid(w, bits)
+        scales[:, g], zero = grid_for(w, bits, grid)
         if zero is not None:
             zeros[:, g] = zero
 
@@ -209,7 +216,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
     group = _group(linear, config)
     q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
-                                     config.block_size)
+                                     config.block_size, config.grid)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
 

@@ -290,6 +290,34 @@ def quant_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     return (w.abs().amax(-1) / 127).clamp_min(1e-8).to(SCALE_DTYPE).float(), None
 
 
+GRIDS = ("kernel", "q4_0", "q8_0")  # the grids GPTQ can target: the kernels' own, or GGUF's Q4_0 / Q8_0
+GGUF_MIN_SCALE = 2.0 ** -14  # the smallest normal float16: a bfloat16 scale at or above it is exact in float16
+
+
+def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
+    """The grid (scale, zero) of each row of `w` [..., g] for a target `grid` (see GRIDS), exact in bfloat16.
+
+    "kernel" is `quant_grid`. "q4_0" is GGUF's Q4_0 on a group of 32: Ŵ = d·(q - 8), q in 0..15, with d the
+    signed value of largest magnitude over -8 (it lands exactly on q = 0), i.e. the int4 kernel's layout with
+    zero = 0. "q8_0" is the int8 kernel's per-channel grid Ŵ = d·q, which GGUF's Q8_0 holds exactly by
+    repeating d over every block of 32. Either way |d| is rounded to bfloat16 and raised to at least
+    GGUF_MIN_SCALE, so d is exact in both bfloat16 (the kernels) and float16 (GGUF).
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    if grid == "kernel":
+        return quant_grid(w, bits)
+    if (bits, grid) not in ((4, "q4_0"), (8, "q8_0")):
+        raise ValueError(f"grid={grid} does not take bits={bits}; use bits=4 with q4_0, bits=8 with q8_0")
+    if grid == "q8_0":
+        d = w.abs().amax(-1) / 127
+    else:
+        d = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8
+    d = d.to(SCALE_DTYPE).float()
+    d = torch.where(d < 0, -1.0, 1.0) * d.abs().clamp_min(GGUF_MIN_SCALE)
+    return d, (torch.zeros_like(d) if bits == 4 else None)
+
+
 def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
     """The integer values of `w` on the grid (scale, zero) broadcast against it (4-bit when zero is given)."""
     if zero is None:

@@ -76,6 +76,7 @@ class Policy:
     float_dtype: str        # the float parts (embeddings, norms, float linears) for `cast:dtype=auto`
     head_bits: int | None   # `head:bits=auto` quantizes the output head to this many bits; None keeps it float
     kernel_act_dtype: str   # activations into the int4/int8 kernels (their scales' dtype)
+    fp32_linear: str        # float32 linears at batch 1 on the CPU: "onednn" or "mkl" (F.linear's sgemm)
     attn_dtype: str         # attention and the KV cache of the fast path ("model": the model's own dtype)
     why: str                # the measurements behind it, in one line
 
@@ -90,14 +91,16 @@ def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Poli
     """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
     m = m or machine(device)
     if m.device != "cpu":
-        return Policy("bfloat16", None, "bfloat16", "model", "GPU: bf16 tensor cores; the head stays bf16 as in the "
+        return Policy("bfloat16", None, "bfloat16", "mkl", "model", "GPU: bf16 tensor cores; the head stays bf16 as in the "
                       "reference study; int8 and int4 weights dequantize inside their matmul")
-    native = bf16_compute(m)
+    native, amd = bf16_compute(m), "AMD" in m.name
     return Policy(
-        "bfloat16" if native else "float32", 8, "bfloat16", "float32",
+        "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32",
         ("CPU with native bf16: float parts in bf16 (half the bytes)" if native else
          "CPU without native bf16 (emulated: a bf16 49152x576 head took 34 ms/token against 4.7 ms in float32 on an "
          "AVX2 EPYC): float parts in float32")
         + "; the head quantized to int8 (the largest matmul of small models; llama.cpp keeps its own head at 6-8 "
         "bits too); int4/int8 kernels fed bf16 activations (their fast path: float32 activations took 79-129 ms a "
-        "token against 8-11 ms on AVX2); attention in float32 (a bf16 SDPA decode call took 100 us against 18 us)")
+        "token against 8-11 ms on AVX2); attention in float32 (a bf16 SDPA decode call took 100 us against 18 us); "
+        "float32 linears on oneDNN on AMD CPUs (MKL's sgemm streamed 16 GB/s where oneDNN streamed 25 on an EPYC), "
+        "on MKL elsewhere (a Xeon with AMX decoded float32 in 29.8 ms/token through MKL, 42.3 through oneDNN)")

@@ -17,6 +17,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from .hardware import policy
+
 SWAPS: dict[str, type[nn.Module]] = {}
 
 
@@ -136,13 +138,14 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
-ONEDNN = torch.backends.mkldnn.is_available()  # False: every linear through its module (F.linear), as transformers
+# float32 CPU linears on oneDNN where the hardware policy says so (AMD CPUs); False: F.linear (MKL), as transformers
+ONEDNN = torch.backends.mkldnn.is_available() and policy("cpu").fp32_linear == "onednn"
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)`, where a float32 `nn.Linear` on the CPU (outside autograd) runs on oneDNN instead of the MKL
-    sgemm behind F.linear: at batch 1 it streams the weight 1.6x faster on the 2-core AMD EPYC we measured
-    (25 vs 16 GB/s over the embedded model's linears), on the same weight tensor, equal up to rounding."""
+    sgemm behind F.linear when ONEDNN is set (see `hardware.policy`): at batch 1 it streams the weight 1.6x faster
+    on the 2-core AMD EPYC we measured (25 vs 16 GB/s), on the same weight tensor, equal up to rounding."""
     if (type(module) is nn.Linear and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and module.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
         return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [None], "")

@@ -122,8 +122,13 @@ def test_bf16_agrees_with_hf_logits(tiny_model):
     assert torch.allclose(ours, ref, atol=0.05 * ref.abs().max().item())
 
 
-def test_cpu_fast_path_agrees_with_hf_to_rounding(sharp):
-    """With float32 linears on oneDNN (the CPU default) the decoder's logits are transformers' up to rounding."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_fast_path_agrees_with_hf_to_rounding(sharp, monkeypatch, onednn):
+    """With float32 linears on oneDNN (AMD's policy) or MKL (elsewhere) the decoder's logits are transformers' up to
+    rounding."""
+    import fastllama.nn as fnn
+
+    monkeypatch.setattr(fnn, "ONEDNN", onednn and torch.backends.mkldnn.is_available())
     ids = torch.randint(0, 512, (2, 16))
     decoder = Decoder(sharp, max_len=16, batch_size=2)
     with torch.inference_mode():

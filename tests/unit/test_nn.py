@@ -201,11 +201,22 @@ def _state_bytes(module):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_on_the_cpu_fast_path_equals_the_module(bias):
+def test_linear_on_the_cpu_fast_path_equals_the_module(bias, monkeypatch):
+    import fastllama.nn as fnn
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(fnn, "ONEDNN", True)  # the oneDNN path, whatever this CPU's policy picks
     layer = nn.Linear(96, 40, bias=bias)
     x = torch.randn(2, 3, 96)
-    with torch.no_grad():  # oneDNN where available: the same function up to rounding
-        torch.testing.assert_close(linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # oneDNN: the same function up to rounding, not the module's own call
+        y = linear(layer, x)
+        torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: pytest.fail("the module was called"))
+    with torch.no_grad():
+        assert torch.equal(linear(layer, x), y)  # it did not go through the module
+    monkeypatch.undo()
+    monkeypatch.setattr(fnn, "ONEDNN", True)
     assert torch.equal(linear(layer, x), layer(x))  # with autograd on, the module itself
     half = layer.to(torch.bfloat16)
     with torch.no_grad():

@@ -112,14 +112,19 @@ def test_cache_is_sized_per_layer(tiny_model):
 
 
 def test_bf16_agrees_with_hf_logits(tiny_model):
-    """bf16 reorders roundings, so compare next-token logits rather than whole greedy runs."""
-    model = _sharp(tiny_model).to(torch.bfloat16)
+    """bf16 reorders roundings, so compare next-token logits, against how far transformers' own bf16 forward lies
+    from float32: each bf16 path errs by rounding, so the two differ by at most the sum of their errors (ours is no
+    larger than transformers': its attention runs in float32 on the CPU), 3x transformers' error with room. A wrong
+    rotary or mask gives errors of the logits' own size."""
+    model = _sharp(tiny_model)
     ids = torch.randint(0, 512, (1, 16))
-    decoder = Decoder(model, max_len=16)
     with torch.inference_mode():
-        ours = decoder.forward(ids, torch.arange(16)).float()
+        ref32 = model(ids).logits[:, -1].float()
+        model = model.to(torch.bfloat16)
+        ours = Decoder(model, max_len=16).forward(ids, torch.arange(16)).float()
         ref = model(ids).logits[:, -1].float()
-    assert torch.allclose(ours, ref, atol=0.05 * ref.abs().max().item())
+    hf_error = (ref - ref32).abs().max().item()
+    assert 0 < hf_error and (ours - ref).abs().max().item() <= 3 * hf_error
 
 
 @pytest.mark.parametrize("onednn", [True, False])

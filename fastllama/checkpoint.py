@@ -9,8 +9,8 @@ already records dropped layers and coupled-pruned widths), the float dtype, the 
 (stored once), and the dtype of buffers that are rebuilt rather than stored (rotary frequencies).
 
 Loading builds the model from the config, swaps in an empty module wherever a spec differs from the freshly
-built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales, zeros) and packed for the
-device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
+built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales,
+zeros) and packed for the device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="model spec: smollm2-135m (default), random:<preset>, a .gguf file, a directory, or a hub id")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -70,8 +71,10 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compress, benchmark and evaluate a model over recipes; write tables and a plot")
     _model_args(p)
     p.add_argument("--recipes", default=",".join(REFERENCE_RECIPES),
-                   help=f"comma-separated recipe names or texts; the first is the base (default: {','.join(REFERENCE_RECIPES)})")
-    p.add_argument("--data", default=None, help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
+                   help="comma-separated recipe names or texts; the first is the base "
+                        f"(default: {','.join(REFERENCE_RECIPES)})")
+    p.add_argument("--data", default=None,
+                   help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
     p.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
                    help="RACE scoring: letter (A-D after 'Answer:', default) or lm-eval (each option's text)")
@@ -107,7 +110,8 @@ def _add_search(sub) -> None:
     p.add_argument("--importance", default="l1", choices=["l1", "act"], help="channel importance (default l1)")
     floor = p.add_mutually_exclusive_group()
     floor.add_argument("--floor", type=float, default=0.50, help="absolute accuracy floor (default 0.50)")
-    floor.add_argument("--floor-relative", type=float, default=None, help="floor as a share of the parent's accuracy, e.g. 0.9")
+    floor.add_argument("--floor-relative", type=float, default=None,
+                       help="floor as a share of the parent's accuracy, e.g. 0.9")
     p.add_argument("--data", default=None, help="RACE data (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
     p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance on the amount (default 0.01)")
@@ -141,7 +145,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- prune / drop
 def _calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=None, help="calibration text file or folder (default: C4 if reachable, else model samples)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file or folder (default: C4 if reachable, else model samples)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
 
@@ -168,14 +173,18 @@ def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: 
 
 
 def _add_prune(sub) -> None:
-    p = sub.add_parser("prune", help="structured pruning: input/output channels of each linear, or coupled MLP channels / KV head groups")
+    p = sub.add_parser("prune", help="structured pruning: input/output channels of each linear, "
+                                      "or coupled MLP channels / KV head groups")
     _model_args(p)
     p.add_argument("--dim", default="input", choices=["input", "output", "mlp", "heads"],
-                   help="input/output channels of each linear, or coupled MLP channels / KV head groups (default input)")
-    p.add_argument("--amount", type=float, required=True, help="fraction of channels (or KV groups) to remove, in [0, 1)")
+                   help="input/output channels of each linear, or coupled MLP channels / KV head groups "
+                        "(default input)")
+    p.add_argument("--amount", type=float, required=True,
+                   help="fraction of channels (or KV groups) to remove, in [0, 1)")
     p.add_argument("--importance", default="l1", choices=["l1", "act"],
                    help="channel importance: l1 norm, or act (|W| x activation norm, needs calibration; default l1)")
-    p.add_argument("--targets", default=None, help="comma-separated linear names for input/output (default: q,k,v,o,gate,up,down _proj)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated linear names for input/output (default: q,k,v,o,gate,up,down _proj)")
     _calib_args(p)
     p.add_argument("--out", default=None, help="save the pruned model to this directory")
     p.set_defaults(func=_cmd_prune)
@@ -195,7 +204,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 
 
 def _add_drop(sub) -> None:
-    p = sub.add_parser("drop", help="drop the block of N consecutive decoder layers that changes the hidden state least")
+    p = sub.add_parser("drop",
+                       help="drop the block of N consecutive decoder layers that changes the hidden state least")
     _model_args(p)
     p.add_argument("--layers", type=int, required=True, help="how many consecutive layers to drop")
     _calib_args(p)
@@ -216,7 +226,8 @@ def _cmd_drop(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- compress
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="apply a recipe (GPTQ, RTN, int8wo, pruning, layer dropping) and save the model")
+    p = sub.add_parser("compress",
+                       help="apply a recipe (GPTQ, RTN, int8wo, pruning, layer dropping) and save the model")
     _model_args(p)
     p.add_argument("--recipe", required=True,
                    help="steps joined by ' + ', e.g. 'gptq:bits=4,group=128 + prune:input=0.10', or a preset such as "
@@ -252,8 +263,10 @@ def _add_export(sub) -> None:
                    help="compress first, e.g. 'gptq:bits=4,group=32,grid=q4_0' (GGUF Q4_0) or 'gptq:bits=8,grid=q8_0'")
     _calib_args(p)
     p.add_argument("--format", required=True, choices=["gguf"], help="gguf (llama.cpp)")
-    p.add_argument("--float-type", default="f16", choices=["f16", "f32"], help="GGUF type of float tensors (default f16)")
-    p.add_argument("--pre", default=None, help="llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
+    p.add_argument("--float-type", default="f16", choices=["f16", "f32"],
+                   help="GGUF type of float tensors (default f16)")
+    p.add_argument("--pre", default=None,
+                   help="llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
     p.add_argument("--out", required=True, help="the file to write, e.g. model.gguf")
     p.set_defaults(func=_cmd_export)
 
@@ -279,7 +292,8 @@ def _add_eval(sub) -> None:
     race.add_argument("--data", default=None, help="RACE .jsonl/.parquet (default: ehovy/race high test if the hub "
                                                    "is reachable, else the shipped sample)")
     race.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
-                      help="letter: pick A-D after 'Answer:' (default); lm-eval: the harness's race prompt, option texts")
+                      help="letter: pick A-D after 'Answer:' (default); "
+                           "lm-eval: the harness's race prompt, option texts")
     race.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded subset of N questions")
     race.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     race.add_argument("--json", default=None, help="write the result (and per-question records) to this JSON file")
@@ -413,7 +427,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_export, _add_eval, _add_bench]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_export, _add_eval,
+            _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, no traceback

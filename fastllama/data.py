@@ -1,7 +1,7 @@
 """Calibration text for GPTQ and activation-aware pruning, and the RACE reading-comprehension loader.
 
-    calibration(tokenizer, source=None)   token windows [nsamples, seqlen]: C4, a local text, or the model's own samples
-    load_race(path=None)                  RACE examples: ehovy/race (high, test) from the hub, or a local .jsonl/.parquet
+    calibration(tokenizer, source=None)   token windows [nsamples, seqlen]: C4, a local text, or the model's samples
+    load_race(path=None)                  RACE examples: ehovy/race (high, test) from the hub, or a .jsonl/.parquet
 
 The hub is only tried when it answers within a second or two: offline, everything falls back at once.
 """
@@ -230,7 +230,8 @@ def _read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {i} is not valid JSON ({e}); each line must be one JSON object") from e
+                    raise ValueError(f"{path}: row {i} is not valid JSON ({e}); "
+                                     "each line must be one JSON object") from e
         return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

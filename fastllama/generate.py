@@ -12,10 +12,10 @@ mask, so every decode step has the same shapes. That is what torch.compile with 
 counts), greedy output is token-identical to Hugging Face `generate` in float32 with EOS disabled (logits equal up
 to rounding): the fast path always generates `max_new_tokens` and never stops at EOS. The compiled step agrees up to
 rounding. On the CPU, float32 linears run on oneDNN or MKL as `fastllama.hardware.policy` picks
-(`fastllama.nn.linear`) and attention in float32 (see `Decoder.attn_dtype`): both measured faster there. Output-pruned o/down projections add into the residual
-directly (`fastllama.nn.add_linear`). On CUDA, attention runs on the fused memory-efficient kernel, pinned (see
-`_folded_attention`), and a decode step reads its position from a device tensor updated in place, so no step
-waits on the host.
+(`fastllama.nn.linear`) and attention in float32 (see `Decoder.attn_dtype`): both measured faster there.
+Output-pruned o/down projections add into the residual directly (`fastllama.nn.add_linear`). On CUDA, attention
+runs on the fused memory-efficient kernel, pinned (see `_folded_attention`), and a decode step reads its position
+from a device tensor updated in place, so no step waits on the host.
 """
 
 from __future__ import annotations

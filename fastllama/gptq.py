@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import check_calib
-from .nn import GRIDS, QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
+from .nn import QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
 
 log = logging.getLogger(__name__)
 

@@ -91,8 +91,9 @@ def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Poli
     """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
     m = m or machine(device)
     if m.device != "cpu":
-        return Policy("bfloat16", None, "bfloat16", "mkl", "model", "GPU: bf16 tensor cores; the head stays bf16 as in the "
-                      "reference study; int8 and int4 weights dequantize inside their matmul")
+        return Policy("bfloat16", None, "bfloat16", "mkl", "model",
+                      "GPU: bf16 tensor cores; the head stays bf16 as in the reference study; "
+                      "int8 and int4 weights dequantize inside their matmul")
     native, amd = bf16_compute(m), "AMD" in m.name
     return Policy(
         "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32",

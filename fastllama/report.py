@@ -52,7 +52,7 @@ class ReportConfig:
     prompt_len: int = 128                           # bench prompt tokens
     new_tokens: int = 64                            # bench new tokens
     floor: float = 0.50                             # accuracy floor drawn on the plot
-    force: bool = False                             # rebuild cached models, drop partial results, allow another model's folder
+    force: bool = False                             # rebuild models, drop partial results, allow another model's folder
 
 
 @dataclass

@@ -93,4 +93,5 @@ def test_real_race_h_gate(real, recipe):
     model, tok, data, calib, mode = real
     floor = BF16_FLOOR if recipe == "bf16" else GATE_FLOOR
     result = evaluate_race(compress(copy.deepcopy(model), recipe, calib, tok), tok, data, mode=mode)
-    assert result.acc >= floor, f"{recipe}: RACE-H {result.acc:.3f} [{result.ci_low:.3f}, {result.ci_high:.3f}] < {floor}"
+    assert result.acc >= floor, \
+        f"{recipe}: RACE-H {result.acc:.3f} [{result.ci_low:.3f}, {result.ci_high:.3f}] < {floor}"

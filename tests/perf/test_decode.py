@@ -138,7 +138,7 @@ def test_memory(benchmark, name):
     over = [f"{key[4:]} {metrics[key[4:]]:.4g} GB, ceiling {limit} GB" for key, limit in entry.items()
             if key.startswith("max_") and metrics[key[4:]] > limit]
     assert not over, f"{name}: " + "; ".join(over)
-        
+
 
 
 @pytest.mark.parametrize("name", list(BUDGET.get("speedup", {})))
@@ -216,4 +216,5 @@ def test_gate_resolves_a_20pc_slowdown():
     noise = res["again"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
     caught = res["slow"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
     assert noise > FLOOR_FRACTION and caught < FLOOR_FRACTION, \
-        f"same model twice: {noise:.3f}x, 20% slower: {caught:.3f}x; the gate needs >{FLOOR_FRACTION} and <{FLOOR_FRACTION}"
+        f"same model twice: {noise:.3f}x, 20% slower: {caught:.3f}x; " \
+        f"the gate needs >{FLOOR_FRACTION} and <{FLOOR_FRACTION}"

@@ -21,14 +21,14 @@ from fastllama.nn import INT4_GROUPS, QuantLinear, from_spec, int4_group_for, to
 pytestmark = pytest.mark.unit
 
 # SQNR bounds, derived. A min-max grid of L steps over a range R rounds each weight with an error uniform over a step
-# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 4-bit is asymmetric per group of
-# g inputs (R = max - min of the group, L = 15); 8-bit symmetric per row of n inputs (R = 2 max|w|, L = 254). The
-# kernel adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB against x @ Ŵ.T (400
-# seeds), whatever the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the test's own
-# estimate had means within 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB) and,
-# with 64 activation rows, a standard deviation of at most 0.45 dB (16 outputs, the fewest). A bound 3 dB under the
-# expectation is more than 6 standard deviations away: chance cannot break it, a grid off by one step does.
-# The kernel's bound sits 6.6 dB (25 standard deviations) under its measured 52.6 dB.
+# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 4-bit is asymmetric per group of g
+# inputs (R = max - min of the group, L = 15); 8-bit symmetric per row of n inputs (R = 2 max|w|, L = 254). The kernel
+# adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB against x @ Ŵ.T (400 seeds), whatever
+# the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the test's own estimate had means within
+# 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB) and, with 64 activation rows, a
+# standard deviation of at most 0.45 dB (16 outputs, the fewest). A bound 3 dB under the expectation is more than 6
+# standard deviations away: chance cannot break it, a grid off by one step does. The kernel's bound sits 6.6 dB (25
+# standard deviations) under its measured 52.6 dB.
 MARGIN_DB = 3.0
 KERNEL_NOISE = 10 ** -5.26  # the kernel's bfloat16 rounding, as a noise-to-signal power ratio (52.6 dB)
 KERNEL_SQNR_DB = 46.0

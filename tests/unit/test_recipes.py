@@ -95,8 +95,8 @@ def test_text_round_trips(step_list):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast; presets: bf16, fp32, "
-              "base, gptq4"),
+    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast; "
+              "presets: bf16, fp32, base, gptq4"),
     ("gptq:bits=3", "bits=3 is not supported; valid: 4"),
     ("gptq:group=100", "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     ("gptq:bitz=4", "bad gptq argument 'bitz=4'; valid keys: bits=, group=, act_order=, damp=, lm_head="),

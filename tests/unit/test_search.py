@@ -45,7 +45,8 @@ def test_bad_ranges_are_rejected(lo, hi, tol):
 
 
 def test_search_table_is_quant_by_dim():
-    rows = [SearchResult("gptq4", "input", 0.5, 0.62, 0.10, 0.53), SearchResult("gptq8", "input", 0.5, 0.62, 0.35, 0.52),
+    rows = [SearchResult("gptq4", "input", 0.5, 0.62, 0.10, 0.53),
+            SearchResult("gptq8", "input", 0.5, 0.62, 0.35, 0.52),
             SearchResult("gptq4", "output", 0.5, 0.62, 0.01, 0.55)]
     table = search_table(rows).splitlines()
     assert table[0] == "| quantization | max input pruning (acc) | max output pruning (acc) |"

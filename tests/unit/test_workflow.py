@@ -156,7 +156,8 @@ def test_a_baseline_from_another_machine_is_not_compared(perf_run, job, tmp_path
     forced = _step(job, "Perf budgets")["run"].replace('"${compare[@]}"',
                                                        "--benchmark-compare=0001 --benchmark-compare-fail=median:10%")
     done = perf_run(1.0, forced)
-    assert done.returncode != 0 and "--benchmark-compare-fail requires valid --benchmark-compare" in done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "--benchmark-compare-fail requires valid --benchmark-compare" in out
 
 
 def test_no_baseline_gates_on_the_budgets_only(perf_run, tmp_path):

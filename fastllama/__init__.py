@@ -20,6 +20,7 @@ _API = {
     "generate": "generate",
     "save": "checkpoint",
     "load": "checkpoint",
+    "export": "export",
 }
 __all__ = [*_API, "__version__"]
 

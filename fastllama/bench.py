@@ -1,4 +1,12 @@
-"""Decode benchmarks: latency, time to first token, tokens/s, memory and bandwidth (see DESIGN.md, "Metrics").
+"""Decode benchmarks: latency, time to first token, tokens/s, memory and bandwidth.
+
+    tpot_ms        median decode step (batch 1, greedy, after a warm-up run), prefill excluded
+    ttft_ms        median prefill: prompt in, first token out
+    tokens_per_s   1000 / tpot_ms; e2e_tokens_per_s = new tokens / median whole run
+    peak_mem_gb    torch.cuda.max_memory_allocated while decoding (GPU); nvml_mem_gb: the process as NVML sees it
+    peak_rss_gb    peak resident memory while decoding (CPU; reset after loading where Linux allows)
+    model_gb       bytes of all parameters and buffers, shared storage counted once
+    bandwidth_frac model_gb x tokens_per_s / the device's peak memory bandwidth (known GPUs only)
 
     bench(model, prompt_len=128, new_tokens=256, runs=3, baseline="hf") -> dict of metrics
 
@@ -6,8 +14,9 @@ The fast path is `fastllama.generate.Decoder`: each run times the prefill (`ttft
 separately; `tpot_ms` is the median step over all runs, after a warm-up run (which also compiles on a GPU).
 Timing is synchronized: CUDA events around every step on a GPU (read after the run, so no step waits on the
 host), `time.perf_counter` on the CPU, whose ops are synchronous. `baseline="hf"` times plain Hugging Face
-`generate` on the same model in the same process, token by token through a streamer, so every speedup is a
-ratio measured side by side (`hf_*` keys and `speedup`).
+`generate` on the same model, token by token through a streamer, interleaved with the fast path in one process
+(fast, plain, fast, plain, ... see `interleave`), so a drift in machine load hits both alike and every speedup is a
+ratio of medians measured side by side (`hf_*` keys and `speedup`).
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from .generate import Decoder
+from .hardware import machine, policy
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +89,6 @@ def _reset_peak_rss() -> bool:
 
     Memory freed while loading stays resident in glibc's heap until trimmed, by a different amount each run
     (measured: 0.63-0.96 GB after loading the same 0.17 GB model), so it is handed back first."""
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
@@ -89,6 +99,17 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _reset_peaks(device: torch.device) -> bool:
+    """Start the peak-memory windows: collect garbage first (a previous model still held by reference cycles would
+    count in this one's peak), wait for the GPU, then reset the CUDA allocator's peak and the peak RSS (returns
+    whether that could be reset, see `_reset_peak_rss`)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return _reset_peak_rss()
 
 
 def _peak_rss_gb() -> float:
@@ -123,48 +144,68 @@ class _Clock:
         return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _run_fast(decoder: Decoder, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    """One greedy run on the fast path: [prefill ms, step ms, step ms, ...]."""
-    clock = _Clock(decoder.device)
-    clock.mark()
-    token = decoder.prefill(ids)
-    clock.mark()
-    for pos in range(ids.shape[1], ids.shape[1] + new_tokens - 1):
-        token = decoder.step(token, pos)
+def fast_run(decoder: Decoder, ids: torch.Tensor, new_tokens: int) -> Callable[[], list[float]]:
+    """One greedy run on the fast path, as a callable returning [prefill ms, step ms, step ms, ...]."""
+    def run() -> list[float]:
+        clock = _Clock(decoder.device)
         clock.mark()
-    return clock.intervals_ms()
+        token = decoder.prefill(ids)
+        clock.mark()
+        for pos in range(ids.shape[1], ids.shape[1] + new_tokens - 1):
+            token = decoder.step(token, pos)
+            clock.mark()
+        return clock.intervals_ms()
+
+    return run
 
 
-def _run_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    """One plain `generate` run (greedy, exactly `new_tokens`): [prefill ms, step ms, ...] from a streamer."""
+def hf_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Callable[[], list[float]]:
+    """One plain `generate` run (greedy, exactly `new_tokens`), as a callable returning [prefill ms, step ms, ...]
+    from a streamer: it is called with the prompt, then once per new token."""
     from transformers.generation.streamers import BaseStreamer
 
-    clock = _Clock(ids.device)
+    def run() -> list[float]:
+        clock = _Clock(ids.device)
 
-    class Stamp(BaseStreamer):
-        def put(self, value):  # called with the prompt, then with each new token
-            clock.mark()
+        class Stamp(BaseStreamer):
+            def put(self, value):
+                clock.mark()
 
-        def end(self):
-            pass
+            def end(self):
+                pass
 
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=Stamp())
-    return clock.intervals_ms()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=Stamp())
+        return clock.intervals_ms()
+
+    return run
 
 
-def _summarize(runs: list[list[float]], new_tokens: int) -> dict[str, float]:
-    """ttft/tpot medians and tokens/s from per-run [prefill, step, ...] timings."""
+def summarize(runs: list[list[float]], new_tokens: int) -> dict[str, float]:
+    """ttft/tpot medians and tokens/s from per-run [prefill, step, ...] timings: tpot is the median decode step
+    over all runs (prefill excluded), ttft the median prefill."""
     tpot = statistics.median(t for run in runs for t in run[1:]) if new_tokens > 1 else float("nan")
     e2e = statistics.median(sum(run) for run in runs)
     return {"ttft_ms": statistics.median(run[0] for run in runs), "tpot_ms": tpot, "tokens_per_s": 1000 / tpot,
             "e2e_tokens_per_s": new_tokens * 1000 / e2e}
 
 
-def _repeat(run: Callable[[], list[float]], runs: int) -> list[list[float]]:
-    run()  # warm-up (and compilation on a GPU)
-    return [run() for _ in range(runs)]
+def interleave(runs: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[list[float]]]:
+    """Each of `runs` once to warm up (and compile), then `rounds` rounds running each in turn (A, B, A, B, ...), so
+    that a drift in machine load hits all of them alike. Returns each one's timings, a list per round."""
+    for run in runs.values():
+        run()
+    timings: dict[str, list[list[float]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            timings[name].append(run())
+    return timings
+
+
+def compare(runs: dict[str, Callable[[], list[float]]], new_tokens: int, rounds: int) -> dict[str, dict[str, float]]:
+    """`summarize` of each of `runs`, measured interleaved (see `interleave`)."""
+    return {name: summarize(t, new_tokens) for name, t in interleave(runs, rounds).items()}
 
 
 def prompt_ids(model: nn.Module, prompt_len: int, tokenizer=None, seed: int = 0) -> torch.LongTensor:
@@ -177,11 +218,6 @@ def prompt_ids(model: nn.Module, prompt_len: int, tokenizer=None, seed: int = 0)
             return ids.to(device)
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=generator).to(device)
-
-
-def bench_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, runs: int = 3) -> dict[str, float]:
-    """Plain Hugging Face `generate` on `model`: ttft_ms, tpot_ms, tokens_per_s, e2e_tokens_per_s."""
-    return _summarize(_repeat(lambda: _run_hf(model, ids, new_tokens), runs), new_tokens)
 
 
 def speed_recipe(recipe: str, lm_head: bool | None = None):
@@ -202,11 +238,11 @@ def speed_recipe(recipe: str, lm_head: bool | None = None):
 
 def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: int = 256, runs: int = 3,
           baseline: str | None = None, compile: bool | None = None, decoder: Decoder | None = None) -> dict:
-    """Every DESIGN.md metric of greedy batch-1 decoding on the fast path (see the module docstring).
+    """Every metric of greedy batch-1 decoding on the fast path (see the module docstring).
 
     `compile` as in `Decoder` (None: on a GPU only); pass a `decoder` to reuse one (its cache, compiled step).
     `baseline="hf"` adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and `speedup`
-    (tokens/s over plain generate's), measured in this process on the same model.
+    (tokens/s over plain generate's), both measured again interleaved in this process on the same model.
     """
     if baseline not in (None, "hf"):
         raise ValueError(f"unknown baseline {baseline!r}; valid: 'hf' (plain transformers generate) or None")
@@ -219,11 +255,8 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
     if decoder.max_len < prompt_len + new_tokens:
         raise ValueError(f"the decoder holds {decoder.max_len} positions, fewer than prompt_len + new_tokens = "
                          f"{prompt_len + new_tokens}; build it with a larger max_len")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = _reset_peak_rss()  # so peak_rss_gb is the peak while decoding, not while loading
-    metrics = _summarize(_repeat(lambda: _run_fast(decoder, ids, new_tokens), runs), new_tokens)
+    rss_reset = _reset_peaks(device)  # so the peaks are this model's while decoding, not while loading
+    metrics = compare({"fast": fast_run(decoder, ids, new_tokens)}, new_tokens, runs)["fast"]
     name = device_name(device)
     size, peak_tbs = model_gb(model), peak_bandwidth_tbs(name)
     metrics |= {
@@ -233,9 +266,13 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
         "model_gb": size,
         "bandwidth_frac": size * metrics["tokens_per_s"] / (peak_tbs * 1000) if peak_tbs else None,
         "device": name,
+        "machine": asdict(machine(device)),  # read right after timing, so its load average is the timing's
+        "policy": asdict(policy(device)),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "compiled": decoder.compiled,
     }
-    if baseline == "hf":
-        hf = bench_hf(model, ids, new_tokens, runs)
-        metrics |= {f"hf_{k}": v for k, v in hf.items()} | {"speedup": metrics["tokens_per_s"] / hf["tokens_per_s"]}
+    if baseline == "hf":  # after the memory reading, which should see the fast path alone
+        both = compare({"fast": fast_run(decoder, ids, new_tokens), "hf": hf_run(model, ids, new_tokens)},
+                       new_tokens, runs)
+        metrics |= {f"hf_{k}": v for k, v in both["hf"].items()}
+        metrics["speedup"] = both["fast"]["tokens_per_s"] / both["hf"]["tokens_per_s"]
     return metrics

@@ -9,8 +9,8 @@ already records dropped layers and coupled-pruned widths), the float dtype, the 
 (stored once), and the dtype of buffers that are rebuilt rather than stored (rotary frequencies).
 
 Loading builds the model from the config, swaps in an empty module wherever a spec differs from the freshly
-built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales, zeros) and packed for the
-device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
+built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales,
+zeros) and packed for the device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def _modules(model: nn.Module) -> dict[str, dict]:
     return specs
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None = None) -> Path:
-    """Write `model` (any mix of float, quantized and pruned linears) to the directory `path`; returns it."""
+def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None = None,
+         calibration: str | None = None) -> Path:
+    """Write `model` (any mix of float, quantized and pruned linears) to the directory `path`; returns it.
+    `calibration` records where the recipe's calibration text came from (see `data.calibration_with_source`)."""
     from safetensors.torch import save_file
     import transformers
 
@@ -62,6 +64,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None 
         "format": FORMAT,
         "versions": {"fastllama": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "recipe": None if recipe is None else str(recipe),
+        "calibration": calibration,
         "dtype": str(float_dtype).removeprefix("torch."),
         "config": model.config.to_dict(),
         "modules": _modules(model),
@@ -110,6 +113,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                          "save the model again") from e
 
 
+def _short(e: Exception) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    return " ".join(str(e).split())[:600]
+
+
 def _build(meta: dict) -> nn.Module:
     """The model of the saved config, in the saved dtype, with each saved linear's spec swapped in."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -140,11 +148,16 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     state |= {key: state[origin] for key, origin in meta["aliases"].items() if origin in state}
     try:
         model = _build(meta)
+    except (ValueError, KeyError, AttributeError) as e:  # a config or module spec this version cannot build
+        saved = meta.get("versions", {}).get("fastllama", "an unknown version")
+        raise ValueError(f"{path / META_FILE} describes a model this fastllama ({__version__}, saved by {saved}) "
+                         f"cannot build: {type(e).__name__}: {_short(e)}; load it with the fastllama that saved it, "
+                         "or save the model again") from e
+    try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError, AttributeError) as e:
-        detail = " ".join(str(e).split())[:600]
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / META_FILE} ({type(e).__name__}: {detail}); "
-                         "the files come from different saves: save the model again") from e
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / META_FILE}: {_short(e)}; the two files come "
+                         "from different saves: save the model again") from e
     model = model.to(device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():

@@ -18,7 +18,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="model spec: smollm2-135m (default), random:<preset>, a .gguf file, a directory, or a hub id")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -70,8 +71,10 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compress, benchmark and evaluate a model over recipes; write tables and a plot")
     _model_args(p)
     p.add_argument("--recipes", default=",".join(REFERENCE_RECIPES),
-                   help=f"comma-separated recipe names or texts; the first is the base (default: {','.join(REFERENCE_RECIPES)})")
-    p.add_argument("--data", default=None, help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
+                   help="comma-separated recipe names or texts; the first is the base "
+                        f"(default: {','.join(REFERENCE_RECIPES)})")
+    p.add_argument("--data", default=None,
+                   help="RACE data: a .jsonl/.parquet file (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
     p.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
                    help="RACE scoring: letter (A-D after 'Answer:', default) or lm-eval (each option's text)")
@@ -107,7 +110,8 @@ def _add_search(sub) -> None:
     p.add_argument("--importance", default="l1", choices=["l1", "act"], help="channel importance (default l1)")
     floor = p.add_mutually_exclusive_group()
     floor.add_argument("--floor", type=float, default=0.50, help="absolute accuracy floor (default 0.50)")
-    floor.add_argument("--floor-relative", type=float, default=None, help="floor as a share of the parent's accuracy, e.g. 0.9")
+    floor.add_argument("--floor-relative", type=float, default=None,
+                       help="floor as a share of the parent's accuracy, e.g. 0.9")
     p.add_argument("--data", default=None, help="RACE data (default: the hub if reachable, else the shipped sample)")
     p.add_argument("--limit", type=int, default=None, help="RACE questions to use (a fixed seeded subset)")
     p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance on the amount (default 0.01)")
@@ -117,41 +121,45 @@ def _add_search(sub) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
-    import copy
     import json
+    from pathlib import Path
 
     from .data import load_race
-    from .search import search_pruning, search_table
+    from .search import search, search_table
 
     model, tok = _load(args)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: RACE accuracy needs a real model")
     race = load_race(args.data, limit=args.limit)
-    calib = _calib(args, model, tok)
-    results = [search_pruning(copy.deepcopy(model), tok, quant=q.strip(), dim=d.strip(), floor=args.floor,
-                              floor_relative=args.floor_relative, importance=args.importance, race=race,
-                              calib=calib, tol=args.tol)
-               for q in args.quant.split(",") for d in args.dim.split(",")]
-    with open(args.json, "w") as f:
-        json.dump([r.to_dict() for r in results], f, indent=2)
+    calib, _ = _calib(args, model, tok)
+
+    def save(results) -> None:  # after every (quant, dim) pair: a later failure loses nothing found before it
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+
+    results = search(model, tok, [q.strip() for q in args.quant.split(",")], [d.strip() for d in args.dim.split(",")],
+                     floor=args.floor, floor_relative=args.floor_relative, importance=args.importance, race=race,
+                     calib=calib, tol=args.tol, on_result=save)
     print(search_table(results))
     print(f"wrote {args.json}")
 
 
 # ---------------------------------------------------------------- prune / drop
 def _calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=None, help="calibration text file or folder (default: C4 if reachable, else model samples)")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file or folder (default: C4 if reachable, else model samples)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64, as fastllama.data)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
 
 
 def _calib(args: argparse.Namespace, model, tok):
-    from .data import calibration
+    """(calibration ids, their source) as the calibration arguments ask."""
+    from .data import calibration_with_source
 
-    return calibration(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
+    return calibration_with_source(tok, source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, model=model)
 
 
-def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float) -> None:
+def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float,
+                     calib_source: str | None = None) -> None:
     """Print the size before (GB, `bench.model_gb`) -> after, and save the model to --out when given."""
     from .bench import model_gb
 
@@ -160,19 +168,23 @@ def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: 
     if args.out:
         from .checkpoint import save
 
-        save(model, args.out, tokenizer=tok, recipe=recipe)
+        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source)
         print(f"saved to {args.out}")
 
 
 def _add_prune(sub) -> None:
-    p = sub.add_parser("prune", help="structured pruning: input/output channels of each linear, or coupled MLP channels / KV head groups")
+    p = sub.add_parser("prune", help="structured pruning: input/output channels of each linear, "
+                                      "or coupled MLP channels / KV head groups")
     _model_args(p)
     p.add_argument("--dim", default="input", choices=["input", "output", "mlp", "heads"],
-                   help="input/output channels of each linear, or coupled MLP channels / KV head groups (default input)")
-    p.add_argument("--amount", type=float, required=True, help="fraction of channels (or KV groups) to remove, in [0, 1)")
+                   help="input/output channels of each linear, or coupled MLP channels / KV head groups "
+                        "(default input)")
+    p.add_argument("--amount", type=float, required=True,
+                   help="fraction of channels (or KV groups) to remove, in [0, 1)")
     p.add_argument("--importance", default="l1", choices=["l1", "act"],
                    help="channel importance: l1 norm, or act (|W| x activation norm, needs calibration; default l1)")
-    p.add_argument("--targets", default=None, help="comma-separated linear names for input/output (default: q,k,v,o,gate,up,down _proj)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated linear names for input/output (default: q,k,v,o,gate,up,down _proj)")
     _calib_args(p)
     p.add_argument("--out", default=None, help="save the pruned model to this directory")
     p.set_defaults(func=_cmd_prune)
@@ -183,15 +195,17 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     from .prune import prune_model
 
     model, tok = _load(args)
-    calib = _calib(args, model, tok) if args.importance == "act" else None
+    calib, source = _calib(args, model, tok) if args.importance == "act" else (None, None)
     targets = args.targets.split(",") if args.targets else None
     before = model_gb(model)
     prune_model(model, args.amount, dim=args.dim, importance=args.importance, calib=calib, targets=targets)
-    _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before)
+    _save_compressed(args, model, tok, f"prune:{args.dim}={args.amount},importance={args.importance}", before,
+                     source)
 
 
 def _add_drop(sub) -> None:
-    p = sub.add_parser("drop", help="drop the block of N consecutive decoder layers that changes the hidden state least")
+    p = sub.add_parser("drop",
+                       help="drop the block of N consecutive decoder layers that changes the hidden state least")
     _model_args(p)
     p.add_argument("--layers", type=int, required=True, help="how many consecutive layers to drop")
     _calib_args(p)
@@ -205,13 +219,15 @@ def _cmd_drop(args: argparse.Namespace) -> None:
 
     model, tok = _load(args)
     before = model_gb(model)
-    drop_layers(model, args.layers, _calib(args, model, tok))
-    _save_compressed(args, model, tok, f"drop:layers={args.layers}", before)
+    calib, source = _calib(args, model, tok)
+    drop_layers(model, args.layers, calib)
+    _save_compressed(args, model, tok, f"drop:layers={args.layers}", before, source)
 
 
 # ---------------------------------------------------------------- compress
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="apply a recipe (GPTQ, RTN, int8wo, pruning, layer dropping) and save the model")
+    p = sub.add_parser("compress",
+                       help="apply a recipe (GPTQ, RTN, int8wo, pruning, layer dropping) and save the model")
     _model_args(p)
     p.add_argument("--recipe", required=True,
                    help="steps joined by ' + ', e.g. 'gptq:bits=4,group=128 + prune:input=0.10', or a preset such as "
@@ -229,15 +245,38 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
     recipe = parse_recipe(args.recipe)  # bad recipes fail before the model loads
     model, tok = _load(args)
-    calib = None
+    calib, source = None, None
     if recipe.needs_calibration:
-        calib = _calib(args, model, tok)  # logs its source: the text given, C4, or samples of the model
-        print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from "
-              f"{args.calib or 'C4 if reachable, else text sampled from the model (see the log)'}")
+        calib, source = _calib(args, model, tok)  # the text given, C4, or samples of the model
+        print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     before, start = model_gb(model), time.perf_counter()
     compress(model, recipe, calib, tok)
     print(f"compressed in {time.perf_counter() - start:.1f} s")
-    _save_compressed(args, model, tok, str(recipe), before)
+    _save_compressed(args, model, tok, str(recipe), before, source)
+
+
+# ---------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a (compressed) model for another engine: GGUF for llama.cpp")
+    _model_args(p)
+    p.add_argument("--recipe", default=None,
+                   help="compress first, e.g. 'gptq:bits=4,group=32,grid=q4_0' (GGUF Q4_0) or 'gptq:bits=8,grid=q8_0'")
+    _calib_args(p)
+    p.add_argument("--format", required=True, choices=["gguf"], help="gguf (llama.cpp)")
+    p.add_argument("--float-type", default="f16", choices=["f16", "f32"],
+                   help="GGUF type of float tensors (default f16)")
+    p.add_argument("--pre", default=None,
+                   help="llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.gguf")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    model, tok = _load_with_recipe(args, _recipe(args))
+    path = export(model, tok, args.format, args.out, float_type=args.float_type, pre=args.pre)
+    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- eval
@@ -253,7 +292,8 @@ def _add_eval(sub) -> None:
     race.add_argument("--data", default=None, help="RACE .jsonl/.parquet (default: ehovy/race high test if the hub "
                                                    "is reachable, else the shipped sample)")
     race.add_argument("--mode", default="letter", choices=["letter", "lm-eval"],
-                      help="letter: pick A-D after 'Answer:' (default); lm-eval: the harness's race prompt, option texts")
+                      help="letter: pick A-D after 'Answer:' (default); "
+                           "lm-eval: the harness's race prompt, option texts")
     race.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded subset of N questions")
     race.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     race.add_argument("--json", default=None, help="write the result (and per-question records) to this JSON file")
@@ -271,7 +311,7 @@ def _load_with_recipe(args: argparse.Namespace, recipe=None):
     if recipe is not None:
         from .recipes import compress
 
-        compress(model, recipe, _calib(args, model, tok) if recipe.needs_calibration else None, tok)
+        compress(model, recipe, _calib(args, model, tok)[0] if recipe.needs_calibration else None, tok)
     return model, tok
 
 
@@ -331,8 +371,33 @@ def _add_bench(sub) -> None:
     p.add_argument("--baseline", default=None, choices=["hf"], help="hf: also time plain generate, same model")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the decode step (auto: on a GPU, with CUDA graphs; off on the CPU)")
+    p.add_argument("--engine", default="fastllama", choices=["fastllama", "llama.cpp"],
+                   help="llama.cpp: the peer alone, on the model's GGUF requantized by llama.cpp to --gguf-type (the "
+                        "embedded model or a .gguf spec; needs the peers extra)")
+    p.add_argument("--gguf-type", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32"],
+                   help="llama.cpp's quantization for --engine llama.cpp (default q4_0)")
     p.add_argument("--json", default=None, help="write the metrics to this JSON file")
     p.set_defaults(func=_cmd_bench)
+
+
+def _bench_llama_cpp(args: argparse.Namespace) -> dict:
+    """The llama.cpp peer alone, timed as the fast path is (see fastllama.peers)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .bench import compare, prompt_ids
+    from .hardware import machine
+    from .models import EMBEDDED, embedded_gguf
+    from .peers import LlamaCpp
+
+    gguf = embedded_gguf() if args.model == EMBEDDED else Path(args.model)
+    if gguf.suffix != ".gguf":
+        raise ValueError(f"--engine llama.cpp runs a GGUF: pass --model {EMBEDDED} or a .gguf file, not {args.model}")
+    model, tok = _load(args)
+    ids = prompt_ids(model, args.prompt_len, tok)
+    peer = LlamaCpp.from_gguf(gguf, args.gguf_type)
+    metrics = compare({"peer": peer.run(ids, args.new_tokens)}, args.new_tokens, args.runs)["peer"]
+    return metrics | {"engine": peer.name, "file_gb": peer.file_gb(), "machine": asdict(machine("cpu"))}
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -346,9 +411,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if swapped:
         print(f"note: GPTQ steps run as round-to-nearest with the same layout (speed does not depend on the "
               f"values): {recipe}")
-    model, tok = _load_with_recipe(args, recipe)
-    metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
-                    compile={"auto": None, "on": True, "off": False}[args.compile])
+    if args.engine == "llama.cpp":
+        metrics = _bench_llama_cpp(args)
+    else:
+        model, tok = _load_with_recipe(args, recipe)
+        metrics = bench(model, tok, args.prompt_len, args.new_tokens, args.runs, args.baseline,
+                        compile={"auto": None, "on": True, "off": False}[args.compile])
     metrics |= {"model": args.model, "recipe": str(recipe) if recipe else None}
     for key, value in metrics.items():
         print(f"{key:>20}  {value:.4g}" if isinstance(value, float) else f"{key:>20}  {value}")
@@ -359,7 +427,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- main
-COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_eval, _add_bench]
+COMMANDS = [_add_generate, _add_report, _add_search, _add_prune, _add_drop, _add_compress, _add_export, _add_eval,
+            _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, no traceback

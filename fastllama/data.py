@@ -1,7 +1,7 @@
 """Calibration text for GPTQ and activation-aware pruning, and the RACE reading-comprehension loader.
 
-    calibration(tokenizer, source=None)   token windows [nsamples, seqlen]: C4, a local text, or the model's own samples
-    load_race(path=None)                  RACE examples: ehovy/race (high, test) from the hub, or a local .jsonl/.parquet
+    calibration(tokenizer, source=None)   token windows [nsamples, seqlen]: C4, a local text, or the model's samples
+    load_race(path=None)                  RACE examples: ehovy/race (high, test) from the hub, or a .jsonl/.parquet
 
 The hub is only tried when it answers within a second or two: offline, everything falls back at once.
 """
@@ -57,20 +57,28 @@ def calibration(tokenizer, source: str | Path | None = None, nsamples: int = CAL
     the hub is reachable, else text sampled from `model` itself. Windows are drawn with `seed`, so the same
     arguments give the same tensor. `tokenizer` may be None only when sampling from the model.
     """
+    return calibration_with_source(tokenizer, source, nsamples, seqlen, model, seed)[0]
+
+
+def calibration_with_source(tokenizer, source: str | Path | None = None, nsamples: int = 128, seqlen: int = 512,
+                            model=None, seed: int = 0) -> tuple[torch.LongTensor, str]:
+    """`calibration` and where its text came from: "file:PATH", "c4" or "model samples" (the silent fallback when
+    the hub is unreachable), to record beside what it calibrated (checkpoints, report results)."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"calibration needs nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     if source is not None:
-        return _from_text(tokenizer, Path(source).expanduser(), nsamples, seqlen, seed)
+        path = Path(source).expanduser()
+        return _from_text(tokenizer, path, nsamples, seqlen, seed), f"file:{path}"
     if tokenizer is not None and hub_reachable():
         try:
-            return _from_c4(tokenizer, nsamples, seqlen, seed)
+            return _from_c4(tokenizer, nsamples, seqlen, seed), "c4"
         except Exception as e:  # the hub answered but the dataset did not (rate limit, gated, moved): fall back
             log.warning("C4 calibration failed (%s: %s); falling back to text sampled from the model",
                         type(e).__name__, e)
     if model is None:
         raise ValueError("no calibration source: the hub (C4) is unreachable and no model was given to sample from; "
                          "pass source=PATH (a text file or folder) or model=MODEL")
-    return _from_model(model, tokenizer, nsamples, seqlen, seed)
+    return _from_model(model, tokenizer, nsamples, seqlen, seed), "model samples"
 
 
 def check_calib(calib, who: str) -> None:
@@ -225,7 +233,8 @@ def _read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {i} is not valid JSON ({e}); each line must be one JSON object") from e
+                    raise ValueError(f"{path}: row {i} is not valid JSON ({e}); "
+                                     "each line must be one JSON object") from e
         return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

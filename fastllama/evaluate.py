@@ -6,10 +6,14 @@
 RACE scoring compares the log-likelihood of four continuations of one prompt, in one of two modes:
 
     letter    the article, the question, options labelled A-D, then "Answer:"; continuations " A" .. " D"
-    lm-eval   the lm-evaluation-harness `race` task (v2.0): "Article: ...", the article's earlier questions with
-              their answers, the question; continuations " " + option text, metric `acc` (summed log-likelihood,
-              not length-normalized). lm-eval scores only each article's last question; here every question
-              is scored with the prompt lm-eval would build if it were the last.
+    lm-eval   the lm-evaluation-harness `race` task (version LM_EVAL_RACE_VERSION): "Article: ...", the article's
+              earlier questions with their answers, the question; continuations " " + option text, metric `acc`
+              (summed log-likelihood, not length-normalized). lm-eval scores only each article's last question;
+              here every question is scored with the prompt lm-eval would build if it were the last.
+
+Both modes encode as lm-eval's HF model does by default (`add_bos_token` unset): with the tokenizer's own special
+tokens, so a tokenizer that adds a BOS (Llama-3's) starts every input with it, and one that adds none (SmolLM2's)
+adds nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .data import LETTERS, RaceExample, load_race, subset
 log = logging.getLogger(__name__)
 
 MODES = ("letter", "lm-eval")
+LM_EVAL_RACE_VERSION = "3.0"  # the `race` task version lm_eval_prompt writes (that of lm-evaluation-harness 0.4.13)
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 
@@ -78,15 +83,18 @@ def letter_prompt(ex: RaceExample) -> tuple[str, list[str]]:
 
 
 def lm_eval_prompt(ex: RaceExample) -> tuple[str, list[str]]:
-    """lm-evaluation-harness `race` (v2.0) `doc_to_text`, with " " + each option as the continuations.
+    """lm-evaluation-harness `race` (version LM_EVAL_RACE_VERSION) `doc_to_text`, with " " + each option as the
+    continuations.
 
-    Earlier questions on the article come with their gold answers; a fill-in-the-blank one (ending "  _  .")
-    is written as lm-eval writes it: the last 5 characters of the question, then the answer.
+    Earlier questions on the article come with their gold answers. One ending in a blank ("  _  .") is written
+    as the sentence it completes: the question without its last 5 characters (the blank, its trailing spaces
+    and the full stop; one space stays) followed by the answer, so "Tom is  _  ." with "kind" gives "Tom is kind".
+    A blank anywhere else ("Tom  _  the book.", "Tom is _.") leaves the question as a Question/Answer pair.
     """
     text = "Article: " + ex.article + "\n\n"
     for question, answer in ex.prior:
-        if question[-6:] == "  _  .":
-            text += question[-5:] + answer + "\n"
+        if question.endswith("  _  ."):
+            text += question[:-5] + answer + "\n"
         else:
             text += "Question: " + question + "\n" + "Answer: " + answer + "\n"
     return text + ex.question, [" " + option for option in ex.options]
@@ -104,6 +112,7 @@ class RaceResult:
     ci_high: float  # upper end of the 95% Wilson score interval of acc
     n: int  # questions scored
     mode: str  # "letter" or "lm-eval"
+    task_version: str | None = None  # the lm-evaluation-harness `race` version of the prompt (lm-eval mode only)
     records: list[dict] = field(default_factory=list, repr=False)  # id, gold, chosen, correct, loglik (A-D)
 
     def summary(self) -> dict:
@@ -166,19 +175,22 @@ def evaluate_race(model, tokenizer, data: str | Path | Sequence[RaceExample] | N
                         "loglik": [round(v, 4) for v in s]})
     correct = sum(r["correct"] for r in records)
     low, high = wilson_interval(correct, len(records))
-    result = RaceResult(correct / len(records), low, high, len(records), mode, records)
-    log.info("RACE (%s): %.3f [%.3f, %.3f] over %d questions", mode, result.acc, low, high, result.n)
+    version = LM_EVAL_RACE_VERSION if mode == "lm-eval" else None
+    result = RaceResult(correct / len(records), low, high, len(records), mode, version, records)
+    log.info("RACE (%s%s): %.3f [%.3f, %.3f] over %d questions", mode, f" race v{version}" if version else "",
+             result.acc, low, high, result.n)
     return result
 
 
 def _encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's encoding of a (context, continuation) pair: trailing spaces of the context move to the
-    continuation, and the continuation's tokens are those the whole text has beyond the context's."""
+    continuation, both texts get the tokenizer's default special tokens (a BOS where it adds one), and the
+    continuation's tokens are those the whole text has beyond the context's."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    ctx = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    ctx = tokenizer(context, verbose=False)["input_ids"]
+    whole = tokenizer(context + continuation, verbose=False)["input_ids"]
     return ctx, whole[len(ctx):]
 
 

@@ -9,19 +9,25 @@ The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode
 keys are written into the cache at their positions and attention reads the whole cache under a causal
 mask, so every decode step has the same shapes. That is what torch.compile with CUDA graphs
 (mode="reduce-overhead") needs on a GPU. Eager (the CPU default, measured fastest there once compile time
-counts), greedy output is token-identical to Hugging Face `generate` in float32 (logits equal up to rounding);
-the compiled step agrees up to rounding. On the CPU, float32 linears run on oneDNN (`fastllama.nn.linear`) and
-attention in float32 (see `Decoder.attn_dtype`): both measured faster there. Output-pruned o/down projections add into the residual
-directly (`fastllama.nn.add_linear`).
+counts), greedy output is token-identical to Hugging Face `generate` in float32 with EOS disabled (logits equal up
+to rounding): the fast path always generates `max_new_tokens` and never stops at EOS. The compiled step agrees up to
+rounding. On the CPU, float32 linears run on oneDNN or MKL as `fastllama.hardware.policy` picks
+(`fastllama.nn.linear`) and attention in float32 (see `Decoder.attn_dtype`): both measured faster there.
+Output-pruned o/down projections add into the residual directly (`fastllama.nn.add_linear`). On CUDA, attention
+runs on the fused memory-efficient kernel, pinned (see `_folded_attention`), and a decode step reads its position
+from a device tensor updated in place, so no step waits on the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .nn import add_linear, linear
 
@@ -60,14 +66,22 @@ class Decoder:
         self.causal = torch.zeros(max_len, max_len, dtype=self.attn_dtype, device=self.device).masked_fill(
             future, -torch.inf)
         self.batch_size = batch_size
+        # the decode position lives on the device and is updated in place (fill_ passes the value to a kernel):
+        # building it from host data each step (torch.tensor([pos], device=...)) synchronized with the GPU
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        # on CUDA the q heads of each KV group are folded into that group's query rows (see `_attention`), so SDPA
+        # runs the fused memory-efficient kernel; the CPU's flash kernel takes grouped heads as they are
+        self.fold_gqa = self.device.type == "cuda"
         self.compiled = self.device.type == "cuda" if compile is None else compile
-        self._step = self.forward
+        # the class's function, not the bound method: a decoder holding its own method (or a compiled wrapper of
+        # it) is a reference cycle that keeps it, its cache and the model alive until the next gc.collect()
+        self._step = Decoder.forward
         if self.compiled:
-            for t in (self.cos, self.sin, self.causal, *(t for kv in self.cache for t in kv)):
+            for t in (self.cos, self.sin, self.causal, self.pos, *(t for kv in self.cache for t in kv)):
                 torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             log.info("compiling the decode step (mode=%s): the first steps take a while", mode)
-            self._step = torch.compile(self.forward, mode=mode, fullgraph=True, dynamic=False)
+            self._step = torch.compile(_own_code(Decoder.forward), mode=mode, fullgraph=True, dynamic=False)
 
     def _buffers(self, attn: nn.Module, probe: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed key and value buffers shaped by what this layer's k and v projections return."""
@@ -84,7 +98,8 @@ class Decoder:
         cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
         for layer, (k_cache, v_cache) in zip(inner.layers, self.cache):
             attn = layer.self_attn
-            y = self._attention(attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache, v_cache)
+            y = self._attention(attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache, v_cache,
+                                self.fold_gqa)
             x = add_linear(x, attn.o_proj, y)
             mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
             x = add_linear(x, mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
@@ -92,7 +107,7 @@ class Decoder:
 
     @staticmethod
     def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                   pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                   pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fold_gqa: bool) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = (linear(proj, x).view(B, T, -1, attn.head_dim).transpose(1, 2)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -100,8 +115,11 @@ class Decoder:
         q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
         k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
         v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-        y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask, scale=attn.scaling,
-                                           enable_gqa=True)
+        if fold_gqa:
+            y = _folded_attention(q.to(k_cache.dtype), k_cache, v_cache, mask, attn.scaling)
+        else:
+            y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, -1).to(x.dtype)  # o_proj's input
 
     @torch.inference_mode()
@@ -113,8 +131,39 @@ class Decoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """The next token (B, 1) after `token` (B, 1) at position `pos`."""
-        pos_t = torch.tensor([pos], device=self.device)
-        return self._step(token, pos_t).argmax(-1, keepdim=True).clone()
+        self.pos.fill_(pos)
+        return self._step(self, token, self.pos).argmax(-1, keepdim=True).clone()
+
+
+def _own_code(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with a code object of its own. Dynamo keeps compiled code, guards and the recompile count per
+    code object: shared by every decoder, Decoder.forward would recompile for each new model and fail hard
+    (fullgraph) at the 9th in one process, and hold every earlier model's compiled code; a decoder's own copy is
+    compiled once and freed with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+# the fused kernel that takes an additive mask (flash takes none); pinned on CUDA, so a shape or dtype it cannot
+# take is an error rather than a silent fallback to the math backend (which expands K/V and upcasts)
+FUSED_ATTENTION = SDPBackend.EFFICIENT_ATTENTION
+
+
+def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Grouped-query attention of q (B, Hq, T, D) over k, v (B, Hkv, L, D) under `mask` (T, L), with each KV
+    group's q heads folded into its query rows: (B, Hkv, rep * T, D) against (B, Hkv, L, D).
+
+    Every query row meets the keys of its own group, as with `enable_gqa`, but the heads now match, which the
+    memory-efficient kernel needs (some PyTorch versions' reject GQA), and K/V are read once per group, not
+    copied per q head as `repeat_interleave` (gpt-fast) or the math backend do. Returns (B, Hq, T, D)."""
+    B, Hq, T, D = q.shape
+    groups = k.shape[1]
+    rep = Hq // groups
+    folded = q.reshape(B, groups, rep * T, D)  # rows (q head within the group, position): a view when T == 1
+    mask = mask.repeat(rep, 1) if T > 1 else mask  # one mask row per folded row; a decode step's row broadcasts
+    with sdpa_kernel(FUSED_ATTENTION) if q.is_cuda else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return y.reshape(B, Hq, T, D)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, compile: bool | None = None,

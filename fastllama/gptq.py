@@ -8,7 +8,8 @@ GPTQ follows the reference `fasterquant`: H = 2XXᵀ/n from the calibration inpu
 `damp` times its mean diagonal, inverted through Cholesky (upper factor of H⁻¹), and the columns quantized one
 by one with their error spread over the columns not yet quantized, in lazy blocks. The grid is the kernels'
 own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
-per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales.
+per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="q4_0"` /
+`"q8_0"` targets GGUF's grids instead (see `nn.grid_for`), which the same kernels compute with exactly.
 
 With `act_order` (the default), columns are visited by decreasing Hessian diagonal but groups stay in natural
 column order (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import check_calib
-from .nn import QuantLinear, check_quant_config, dequantize_values, int4_group_for, quant_grid, quantize_values
+from .nn import QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,15 @@ class GPTQConfig(RTNConfig):
     act_order: bool = True  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
+    grid: str = "kernel"  # kernel (the int4/int8 kernels' own), q4_0 (bits=4, group=32) or q8_0 (bits=8): GGUF's
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
         super().__post_init__()
+        fits = {"kernel": True, "q4_0": (self.bits, self.group_size) == (4, 32), "q8_0": self.bits == 8}
+        if not fits.get(self.grid, False):
+            raise ValueError(f"grid={self.grid!r} with bits={self.bits}, group={self.group_size}; valid: kernel "
+                             "(any), q4_0 (bits=4, group=32: GGUF Q4_0), q8_0 (bits=8: GGUF Q8_0)")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp!r} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
 
@@ -98,8 +104,7 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
             for parent, name, linear in _linears(layer):
                 setattr(parent, name, _rtn(linear, config))
         if config.lm_head:
-            _untie(model)
-            model.lm_head = _rtn(model.lm_head, config)
+            quantize_head_(model, config)
     if config.bits == 4:
         _log_group_fallbacks(model, config)
     log.info("quantized to %d bits (%s) in %.1f s", config.bits, type(config).__name__, time.perf_counter() - start)
@@ -132,6 +137,13 @@ def _rtn(linear: nn.Linear, config: RTNConfig) -> QuantLinear:
     return QuantLinear.from_float(linear, config.bits, _group(linear, config))
 
 
+def quantize_head_(model: nn.Module, config: RTNConfig) -> nn.Module:
+    """Round-to-nearest of the output head alone, untied from the embedding (which stays float); returns `model`."""
+    _untie(model)
+    model.lm_head = _rtn(model.lm_head, config)
+    return model
+
+
 def _untie(model: nn.Module) -> None:
     """Give the head its own weight, so quantizing it leaves the (float) embedding alone."""
     if model.lm_head.weight is model.get_input_embeddings().weight:
@@ -146,15 +158,15 @@ def hessian(x: Tensor) -> Tensor:
     return (2 / len(x)) * (x.T @ x)
 
 
-def clip_grid(w: Tensor, bits: int, importance: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The grid of each row of `w` [..., g] (see `nn.quant_grid`) whose range, its min and max times one of
+def clip_grid(w: Tensor, bits: int, importance: Tensor, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
+    """The `grid` of each row of `w` [..., g] (see `nn.grid_for`) whose range, its min and max times one of
     CLIP_SHRINKS, rounds the row with the least error Σ importance·(ŵ - w)², `importance` [g] weighing each column
     (GPTQ's Hessian diagonal): clipping a few extreme weights buys a finer step for all the others."""
     ends = torch.stack([w.amin(-1), w.amax(-1)], -1)  # a row's min-max grid depends only on these two
     best_err = torch.full(ends.shape[:-1], torch.inf, device=w.device)
     best_scale, best_zero = torch.empty_like(best_err), None if bits == 8 else torch.empty_like(best_err)
     for shrink in CLIP_SHRINKS:
-        scale, zero = quant_grid(ends * shrink, bits)
+        scale, zero = grid_for(ends * shrink, bits, grid)  # each grid reads only a row's min and max
         s, z = scale[..., None], None if zero is None else zero[..., None]
         err = ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
         better = err < best_err
@@ -164,7 +176,8 @@ def clip_grid(w: Tensor, bits: int, importance: Tensor) -> tuple[Tensor, Tensor 
 
 
 def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = True, damp: float = 0.01,
-                  block_size: int = 128, clip: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+                  block_size: int = 128, clip: bool = True,
+                  grid: str = "kernel") -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
     Returns the integer values q [out, in] and the grid: scales and zeros [out, in/group_size] (zeros None for
@@ -178,9 +191,9 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     W[:, dead] = 0
     static = act_order or bits == 8  # grids fixed up front from the unquantized weights (8-bit: one group, the row)
     diag = torch.diag(H).reshape(-1, group_size)  # each column's weight in the clipping search, per group
-    grid = (lambda w, g: clip_grid(w, bits, diag[g])) if clip else (lambda w, g: quant_grid(w, bits))
+    fit = (lambda w, g: clip_grid(w, bits, diag[g], grid)) if clip else (lambda w, g: grid_for(w, bits, grid))
     if static:
-        scales, zeros = grid(W.reshape(out, -1, group_size), slice(None))
+        scales, zeros = fit(W.reshape(out, -1, group_size), slice(None))
     else:  # each group's grid is set from the error-updated weights when GPTQ reaches its first column
         scales, zeros = W.new_zeros(out, cols // group_size), W.new_zeros(out, cols // group_size)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
@@ -201,7 +214,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
             j2 = min(j1 + span, i2 - i1)
             if not static:  # natural order, 4-bit: the span is one group, whose grid is set now
                 g = (i1 + j1) // group_size
-                scales[:, g], zeros[:, g] = grid(W1[j1:j2].T, g)
+                scales[:, g], zeros[:, g] = fit(W1[j1:j2].T, g)
             S = scales.T[group[i1 + j1:i1 + j2]]  # [span, out]: each column's scales (and zeros) as rows
             Z = [None] * (j2 - j1) if zeros is None else zeros.T[group[i1 + j1:i1 + j2]]
             for i, s, z in zip(range(j1, j2), S, Z):
@@ -217,7 +230,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
     group = _group(linear, config)
     q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
-                                     config.block_size, config.clip)
+                                     config.block_size, config.clip, config.grid)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
 

@@ -167,8 +167,8 @@ def _load_dir(path: Path, device, dtype: torch.dtype):
 
         return load(path, device=device)
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json (nor fastllama.json): it is not a model directory; "
-                             "pass a Hugging Face model directory, a .gguf file, or a `fastllama compress --out` folder")
+        raise ModelLoadError(f"{path} has no config.json (nor fastllama.json): it is not a model directory; pass a "
+                             "Hugging Face model directory, a .gguf file, or a `fastllama compress --out` folder")
     return _from_pretrained(str(path), dtype, where=f"the directory {path}",
                             fix="its weight files may be truncated or corrupt: copy or download them again")
 

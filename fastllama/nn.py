@@ -12,8 +12,12 @@ Pruning selects channels exactly as `torch.nn.utils.prune.ln_structured(..., n=1
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
+
+from .hardware import policy
 
 SWAPS: dict[str, type[nn.Module]] = {}
 
@@ -134,13 +138,14 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
-ONEDNN = torch.backends.mkldnn.is_available()  # False: every linear through its module (F.linear), as transformers
+# float32 CPU linears on oneDNN where the hardware policy says so (AMD CPUs); False: F.linear (MKL), as transformers
+ONEDNN = torch.backends.mkldnn.is_available() and policy("cpu").fp32_linear == "onednn"
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)`, where a float32 `nn.Linear` on the CPU (outside autograd) runs on oneDNN instead of the MKL
-    sgemm behind F.linear: at batch 1 it streams the weight 1.6x faster on the 2-core AMD EPYC we measured
-    (25 vs 16 GB/s over the embedded model's linears), on the same weight tensor, equal up to rounding."""
+    sgemm behind F.linear when ONEDNN is set (see `hardware.policy`): at batch 1 it streams the weight 1.6x faster
+    on the 2-core AMD EPYC we measured (25 vs 16 GB/s), on the same weight tensor, equal up to rounding."""
     if (type(module) is nn.Linear and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and module.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
         return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [None], "")
@@ -288,6 +293,34 @@ def quant_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     return (w.abs().amax(-1) / 127).clamp_min(1e-8).to(SCALE_DTYPE).float(), None
 
 
+GRIDS = ("kernel", "q4_0", "q8_0")  # the grids GPTQ can target: the kernels' own, or GGUF's Q4_0 / Q8_0
+GGUF_MIN_SCALE = 2.0 ** -14  # the smallest normal float16: a bfloat16 scale at or above it is exact in float16
+
+
+def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
+    """The grid (scale, zero) of each row of `w` [..., g] for a target `grid` (see GRIDS), exact in bfloat16.
+
+    "kernel" is `quant_grid`. "q4_0" is GGUF's Q4_0 on a group of 32: Ŵ = d·(q - 8), q in 0..15, with d the
+    signed value of largest magnitude over -8 (it lands exactly on q = 0), i.e. the int4 kernel's layout with
+    zero = 0. "q8_0" is the int8 kernel's per-channel grid Ŵ = d·q, which GGUF's Q8_0 holds exactly by
+    repeating d over every block of 32. Either way |d| is rounded to bfloat16 and raised to at least
+    GGUF_MIN_SCALE, so d is exact in both bfloat16 (the kernels) and float16 (GGUF).
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    if grid == "kernel":
+        return quant_grid(w, bits)
+    if (bits, grid) not in ((4, "q4_0"), (8, "q8_0")):
+        raise ValueError(f"grid={grid} does not take bits={bits}; use bits=4 with q4_0, bits=8 with q8_0")
+    if grid == "q8_0":
+        d = w.abs().amax(-1) / 127
+    else:
+        d = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8
+    d = d.to(SCALE_DTYPE).float()
+    d = torch.where(d < 0, -1.0, 1.0) * d.abs().clamp_min(GGUF_MIN_SCALE)
+    return d, (torch.zeros_like(d) if bits == 4 else None)
+
+
 def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
     """The integer values of `w` on the grid (scale, zero) broadcast against it (4-bit when zero is given)."""
     if zero is None:
@@ -315,15 +348,72 @@ def _int4_pack(q: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
 
 
+def _nibbles(packed: Tensor) -> Tensor:
+    """The 4-bit values held by a packed tensor, in storage order (low nibble first), as uint8."""
+    b = packed.contiguous().view(torch.uint8).flatten()
+    return torch.stack([b & 15, b >> 4], -1).flatten()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_int4_layout(rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Where the CPU int4 packing of a [rows, K] weight puts value [n, k]: at nibble `start[n] * K + offset[n] +
+    k * stride[n]` of its output, for every even K; None where it does not follow that form.
+
+    `_convert_weight_to_int4pack_for_cpu` packs blocks of rows (64 on AVX512, 32 on AVX2), each block column by
+    column, its rows in an order that depends on the CPU capability. That is measured rather than assumed: each
+    value's own index is packed, one base-16 digit at a time, for K = 2 and K = 4, and the form is checked."""
+    def where(cols: int) -> Tensor:  # [rows, cols]: the nibble that holds each value
+        index = torch.arange(rows * cols)
+        source = sum(_nibbles(_int4_pack((index.view(rows, cols) >> 4 * d) & 15)).long() << 4 * d
+                     for d in range(((rows * cols - 1).bit_length() + 3) // 4))
+        return torch.empty_like(index).index_put_((source,), index).view(rows, cols)
+
+    two, four = where(2), where(4)
+    start = (four[:, 0] - two[:, 0]) // 2  # the block's first row: where(K)[n, 0] = K * start + offset
+    offset, stride = two[:, 0] - 2 * start, two[:, 1] - two[:, 0]
+    if not torch.equal(four, (4 * start + offset)[:, None] + torch.arange(4) * stride[:, None]):
+        return None
+    return start, offset, stride
+
+
+def _int4_unpack(packed: Tensor, cols: int) -> Tensor | None:
+    """The integer values [rows, cols] (uint8, 0..15) of a CPU int4 packing, read from its nibbles in one gather
+    (see `_cpu_int4_layout`); None where the layout is not the one read here."""
+    layout = _cpu_int4_layout(packed.shape[0])
+    if layout is None:
+        return None
+    start, offset, stride = (t.to(packed.device, torch.int32) for t in layout)
+    cols_k = torch.arange(cols, device=packed.device, dtype=torch.int32)
+    return _nibbles(packed)[(start * cols + offset)[:, None] + cols_k * stride[:, None]]
+
+
+def _int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """`x @ (q·scales).T` as gpt-fast and torchao write int8 weight-only: `F.linear(x, q.to(x.dtype)) * scales`.
+
+    Under torch.compile inductor fuses the cast into the matmul: one bandwidth-bound pass over the int8 weight.
+    The CUDA build of `_weight_int8pack_mm` runs one thread per output with a serial loop over in_features (no
+    tensor cores, uncoalesced reads), and only exists in recent torch; this is the form for every device but the
+    CPU, whose `_weight_int8pack_mm` is the fast path there."""
+    return nn.functional.linear(x, q.to(x.dtype)) * scales
+
+
+def _int8_mm(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """`x @ (q·scales).T` on the CPU's int8 kernel, or as `_int8_linear` on any other device."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    return _int8_linear(x, q, scales)
+
+
 @swap
 class QuantLinear(nn.Module):
     """`y = x @ Ŵ.T + b` on PyTorch's weight-only int4/int8 kernels, holding only integers and scales.
 
     4-bit: groups of `group_size` input channels, Ŵ = (q - 8)·scale + zero, q in 0..15: the layout of
     `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 8-bit: one scale per output channel,
-    Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm`). Scales and zeros are bfloat16, as the kernels take them;
-    activations are cast to bfloat16 around the kernel (its fast path on CPU) and the output back. Shapes
-    the kernels cannot take (pruned to a count not divisible by KERNEL_MULTIPLE) are zero-padded inside.
+    Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm` on the CPU, `_int8_linear` elsewhere). Scales and zeros
+    are bfloat16, as the kernels take them; activations are cast to bfloat16 around the kernel (its fast path on
+    CPU) and the output back. Shapes the kernels cannot take (pruned to a count not divisible by
+    KERNEL_MULTIPLE) are zero-padded inside.
 
     The buffers are packed for the kernel of their device. `state_dict()` holds the portable form instead
     (`qweight`: the integer values, nibble pairs for 4-bit; `scales`; `zeros`; `bias`), `load_state_dict` packs
@@ -378,19 +468,35 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", scales.reshape(-1).to(SCALE_DTYPE).contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone().to(q.device), persistent=False)
 
-    def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
-        for 8-bit). 4-bit values are read back through the kernel itself, so any device's packing works."""
+    def _integers(self) -> Tensor:
+        """The integer values [out, in]: int8 (8-bit) or uint8 0..15 (4-bit). A CPU int4 packing is unpacked
+        directly (`_int4_unpack`); CUDA's tinygemm tiles are read back through the kernel itself (an identity
+        matrix through it: O(in² · out), cheap on a GPU only)."""
         out, cols = self.out_features, self.in_features
         if self.bits == 8:
-            return self.packed[:, :cols].int(), self.scales[:out].float()[:, None], None
-        unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device)
-        unit = unit.expand(*self.scales_and_zeros.shape[:2], 2).contiguous()
-        eye = torch.eye(cols, dtype=SCALE_DTYPE, device=self.packed.device)
-        q = torch.cat([_int4_mm(rows, self.packed, self.group_size, unit)
-                       for rows in eye.split(1024)])  # [in, out]: (q - 8)·1 + 8 = q, exact in bfloat16
-        sz = self.scales_and_zeros[:, :out].float()
-        return q[:, :out].T.round().int(), sz[..., 0].T, sz[..., 1].T
+            return self.packed[:, :cols]
+        q = None if self.packed.device.type == "cuda" else _int4_unpack(self.packed, cols)
+        if q is None:
+            unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device)
+            unit = unit.expand(*self.scales_and_zeros.shape[:2], 2).contiguous()
+            eye = torch.eye(cols, dtype=SCALE_DTYPE, device=self.packed.device)
+            q = torch.cat([_int4_mm(rows, self.packed, self.group_size, unit)
+                           for rows in eye.split(1024)]).T.round()  # (q - 8)·1 + 8 = q, exact in bfloat16
+        return q[:out].to(torch.uint8)
+
+    def _scales_zeros(self) -> tuple[Tensor, Tensor | None]:
+        """Scales and zeros [out, in/group_size] in the kernels' bfloat16 (zeros None for 8-bit), unpadded."""
+        out = self.out_features
+        if self.bits == 8:
+            return self.scales[:out, None], None
+        sz = self.scales_and_zeros[:, :out]
+        return sz[..., 0].T, sz[..., 1].T
+
+    def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
+        for 8-bit)."""
+        scales, zeros = self._scales_zeros()
+        return self._integers().int(), scales.float(), None if zeros is None else zeros.float()
 
     def dequantize(self) -> Tensor:
         """Ŵ [out, in] in float32: the weight the kernel computes with."""
@@ -405,7 +511,7 @@ class QuantLinear(nn.Module):
         if self.bits == 4:
             y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales)
+            y = _int8_mm(x2, self.packed, self.scales)
         y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -436,13 +542,9 @@ class QuantLinear(nn.Module):
 
     def portable(self) -> dict[str, Tensor]:
         """The device-independent form saved in checkpoints: qweight, scales, zeros (4-bit), bias (if any)."""
-        q, scales, zeros = self.values()
-        out = {"scales": scales.to(SCALE_DTYPE)}
-        if self.bits == 4:
-            q = q.to(torch.uint8)
-            out |= {"qweight": q[:, ::2] | q[:, 1::2] << 4, "zeros": zeros.to(SCALE_DTYPE)}
-        else:
-            out["qweight"] = q.to(torch.int8)
+        q, (scales, zeros) = self._integers(), self._scales_zeros()
+        out = {"qweight": q[:, ::2] | q[:, 1::2] << 4 if self.bits == 4 else q, "scales": scales}
+        out |= {} if zeros is None else {"zeros": zeros}
         return out if self.bias is None else out | {"bias": self.bias}
 
     def _set_portable(self, tensors: dict[str, Tensor], device: torch.device) -> None:
@@ -474,7 +576,8 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.half()`...: the bias follows `fn`; the integers and bfloat16 scales only follow
-        a change of device, repacked for the new device's kernel."""
+        a change of device, unpacked (not read back through a kernel: see `_integers`) and repacked for the new
+        device's kernel."""
         device = fn(torch.empty(0, device=self.packed.device)).device
         if device != self.packed.device:
             self._set_portable(self.portable(), device)

@@ -83,7 +83,8 @@ def _fold_mlp(mlp: nn.Module) -> int | None:
     column is pruned (input pruning), and those whose up row, or gate row where act(0) = 0, is pruned (output
     pruning, without biases). gate/up then compute fewer rows and down reads them directly: no down input gather,
     no gate/up output scatter, and fewer bytes than the per-linear swaps hold. Returns the kept width, or None
-    where nothing folds (biases, or a 4-bit down_proj whose kept columns are not whole groups)."""
+    where nothing folds (biases, no channel left at all, or a 4-bit down_proj whose kept columns are not whole
+    groups)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     act = getattr(mlp, "act_fn", None)
     act_kills = act is not None and float(act(torch.zeros(1))) == 0.0  # then a pruned gate row zeroes its channel
@@ -96,7 +97,7 @@ def _fold_mlp(mlp: nn.Module) -> int | None:
         if isinstance(proj, kept_by):
             keep &= torch.zeros(width, dtype=torch.bool).index_fill_(0, proj.keep.cpu(), True)
     kept = keep.nonzero().flatten()
-    if kept.numel() == width:
+    if kept.numel() in (0, width):  # nothing to fold, or every channel: the swaps already compute the zero MLP
         return None
     if isinstance(down, PrunedInputLinear):
         cols, down_core = _positions(down.keep, kept), down.inner
@@ -149,8 +150,8 @@ def _prune_heads(attn: nn.Module, amount: float, norm: Tensor | None, n_kv: int,
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             score = score + _score(float_weight(proj), 0, None).view(n_kv, -1).sum(1)
     groups = top_channels(score, n_keep(n_kv, amount, "KV head groups"))
-    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
-    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim)).flatten()
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).flatten()
+    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim, device=groups.device)).flatten()
     attn.q_proj, attn.o_proj = select(attn.q_proj, 0, q_rows), select(attn.o_proj, 1, q_rows)
     attn.k_proj, attn.v_proj = select(attn.k_proj, 0, kv_rows), select(attn.v_proj, 0, kv_rows)
     return groups.numel()
@@ -178,6 +179,12 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
     if not names:
         raise ValueError(f"{type(model).__name__} has no linear layers named {', '.join(leaf)} to prune; "
                          f"pass targets= with the names of its linears")
+    widths = _units(model, dim, targets)
+    kept = [mlp_keep_count(n, amount) if dim == "mlp" else n - round(amount * n) for n in widths]
+    if kept == widths:
+        log.warning("prune:%s=%g removes nothing: every layer keeps all its units (%s of them; round(amount x n) "
+                    "is 0, or the kernel rounding restores it); the smallest amount that removes one unit of the "
+                    "widest layer is %.2g", dim, amount, "/".join(map(str, sorted(set(widths)))), 0.5 / max(widths))
     norms = activation_norms(model, calib, names) if importance == "act" else None
     modules, config = dict(model.named_modules()), getattr(model, "config", None)
     blocks = {name: modules[name.rpartition(".")[0]] for name in names}  # down_proj -> its mlp, o_proj -> attn
@@ -199,3 +206,39 @@ def prune_model(model: nn.Module, amount: float, dim: str = "input", importance:
         config.num_attention_heads = config.num_key_value_heads * rep
     log.info("pruned %s by %.3g (%s importance)", dim, amount, importance)
     return model
+
+
+def _units(model: nn.Module, dim: str, targets: tuple[str, ...]) -> list[int]:
+    """What pruning along `dim` counts in each layer it prunes: input channels (whole groups of a 4-bit linear),
+    output channels, MLP channels, or KV groups (of `config`)."""
+    if dim == "heads":
+        return [model.config.num_key_value_heads]
+    leaf = ("down_proj",) if dim == "mlp" else targets
+    linears = [m for n, m in model.named_modules() if n.rpartition(".")[2] in leaf and is_prunable(m)]
+    return [m.out_features if dim == "output" else
+            m.in_features // (getattr(m, "in_granularity", 1) if dim == "input" else 1) for m in linears]
+
+
+def max_amount(model: nn.Module, dim: str, targets: list[str] | tuple[str, ...] | None = None) -> float:
+    """The largest pruning amount along `dim` that leaves one unit of every layer it prunes (see `_units`)."""
+    if dim not in DIMS:
+        raise ValueError(f"unknown pruning dim {dim!r}; valid: {', '.join(DIMS)}")
+    units = _units(model, dim, tuple(TARGETS if targets is None else targets))
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no linear layers to prune along {dim}")
+    n = min(units)
+    return (n - 1) / n
+
+
+def pruned_fraction(model: nn.Module) -> dict[str, dict[int, float]]:
+    """The share of channels that per-linear pruning removed, by side and full width, from the kept counts of the
+    PrunedInputLinear / PrunedOutputLinear modules: e.g. {"input": {576: 0.111}, "output": {}} for
+    gptq4-prune-in10 on SmolLM2 (a 4-bit linear drops whole groups: 1 of 9, not 10%). An MLP whose pruned channels
+    were folded away (see `_fold_mlp`) shows as a narrower `config.intermediate_size` instead."""
+    counts: dict[str, dict[int, tuple[int, int]]] = {"input": {}, "output": {}}
+    for m in model.modules():
+        if isinstance(m, (PrunedInputLinear, PrunedOutputLinear)):
+            side, width = ("input", m.in_features) if isinstance(m, PrunedInputLinear) else ("output", m.out_features)
+            kept, total = counts[side].get(width, (0, 0))
+            counts[side][width] = (kept + m.keep.numel(), total + width)
+    return {side: {w: 1 - kept / total for w, (kept, total) in by.items()} for side, by in counts.items()}

@@ -2,13 +2,20 @@
 
 A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset name):
 
-    gptq:bits=4,group=128,act_order=true,clip=true                  GPTQ (calibration); also damp=0.01, lm_head=false
+    gptq:bits=4,group=128,act_order=true,clip=true                  GPTQ (calibration); also damp=0.01,
+                                                                    lm_head=false, grid=q4_0 (with group=32) or
+                                                                    grid=q8_0 (bits=8): GGUF's grids
     rtn:bits=4,group=128,lm_head=false                              round-to-nearest, the baseline
     int8wo:lm_head=false                                            int8 weight-only, per output channel
     prune:input=0.10,importance=l1                                  one of input/output/mlp/heads = the fraction
                                                                     pruned; importance l1 or act (calibration)
     drop:layers=4                                                   drop the 4 most redundant layers (calibration)
+    head:bits=8                                                     round-to-nearest of the output head alone
     cast:dtype=bf16                                                 cast the float weights (bf16, fp16, fp32)
+
+`auto` (in `head:bits=auto` and `cast:dtype=auto`) is decided by `fastllama.hardware.policy` for the device the
+model is on when it is compressed: on a GPU the head stays float and float parts are bf16; on a CPU the head is
+int8 and float parts are bf16 where the CPU computes bf16 natively, else float32.
 
 Quantize-then-prune is one recipe, e.g. `gptq:bits=4,group=128 + prune:input=0.10`: the pruned linears stay
 quantized (see fastllama.nn). Omitted keys take their defaults; presets (PRESETS) may be combined with steps.
@@ -19,33 +26,36 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_
+from .gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig, quantize_, quantize_head_
+from .hardware import policy
 from .models import resolve_dtype
 from .nn import check_amount
 from .prune import DIMS, IMPORTANCE
 
-BF16 = "cast:dtype=bf16"
 # GPTQ spelled out, so a preset says how its models were made whatever the defaults (earlier: act_order=false).
 # Clipping paid at 4 bits on the embedded model (held-out perplexity -3% to -6%), not at 8 (within 0.2%, +8% time).
 GPTQ4 = "gptq:bits=4,group=128,act_order=true,clip=true"
 GPTQ8 = "gptq:bits=8,act_order=true,clip=false"
-# The quantized presets keep their float parts (embeddings, norms, an unquantized head) in bf16, as the reference
-# study's ran in fp16: quantized from the loaded model, then cast (a no-op on a GPU, where models load in bf16).
-# On the CPU that is also the faster form: no casts around each kernel and half the head's bytes (58 -> 70 tok/s
-# for gptq4 on the embedded model).
+AUTO = "head:bits=auto + cast:dtype=auto"
+# The quantized presets finish by the hardware policy (fastllama.hardware.policy): on a GPU the float parts are bf16
+# and the head stays float, as the reference study's fp16; on a CPU the head (the largest matmul of small models)
+# is int8 and the float parts are bf16 where bf16 is native, else float32 (emulated bf16 cost 34 ms a token for the
+# embedded model's head on an AVX2 EPYC against 4.7 in float32).
 PRESETS = {  # the reference study's recipes, and a few more
-    "bf16": BF16,
+    "bf16": "cast:dtype=bf16",
     "fp32": "cast:dtype=fp32",  # the CPU's natural base for plain generate
-    "gptq4": f"{GPTQ4} + {BF16}",
-    "gptq8": f"{GPTQ8} + {BF16}",
-    "gptq4-prune-in10": f"{GPTQ4} + {BF16} + prune:input=0.10",
-    "gptq8-prune-in35": f"{GPTQ8} + {BF16} + prune:input=0.35",
+    "base": "cast:dtype=auto",  # the unquantized model in the policy's float dtype
+    "gptq4": f"{GPTQ4} + {AUTO}",
+    "gptq8": f"{GPTQ8} + {AUTO}",
+    "gptq4-prune-in10": f"{GPTQ4} + {AUTO} + prune:input=0.10",
+    "gptq8-prune-in35": f"{GPTQ8} + {AUTO} + prune:input=0.35",
     "prune-out01": "prune:output=0.01",
-    "int8wo": f"int8wo + {BF16}",
-    "rtn4": f"rtn:bits=4,group=128 + {BF16}",
-    "rtn8": f"rtn:bits=8 + {BF16}",
+    "int8wo": f"int8wo + {AUTO}",
+    "rtn4": f"rtn:bits=4,group=128 + {AUTO}",
+    "rtn8": f"rtn:bits=8 + {AUTO}",
     "prune-mlp25": "prune:mlp=0.25",
 }
 
@@ -79,32 +89,46 @@ class DropStep:
 
 @dataclass
 class CastStep:
-    """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales)."""
+    """Cast the model's float weights (quantized weights keep their integers and bfloat16 scales; rotary
+    frequencies stay float32)."""
 
-    dtype: str = "bf16"  # bf16, fp16 or fp32
+    dtype: str = "bf16"  # bf16, fp16, fp32, or auto (the hardware policy's float dtype for the model's device)
 
     def __post_init__(self):
-        resolve_dtype(self.dtype, "cpu")
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype, "cpu")
+
+
+@dataclass
+class HeadStep:
+    """Round-to-nearest of the output head alone (the body as it is), onto the kernels' grid."""
+
+    bits: str = "auto"  # 4, 8, none (keep it float) or auto (the hardware policy's choice for the model's device)
+
+    def __post_init__(self):
+        if self.bits not in ("4", "8", "none", "auto"):
+            raise ValueError(f"head:bits={self.bits!r}; valid: 4, 8, none, auto")
 
 
 # step name -> (dataclass, {recipe key: field}); prune's amount is keyed by its dim (prune:input=0.1)
 STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "gptq": (GPTQConfig, {"bits": "bits", "group": "group_size", "act_order": "act_order", "damp": "damp",
-                          "lm_head": "lm_head", "clip": "clip"}),
+                          "lm_head": "lm_head", "grid": "grid", "clip": "clip"}),
     "rtn": (RTNConfig, {"bits": "bits", "group": "group_size", "lm_head": "lm_head"}),
     "int8wo": (Int8WeightOnlyConfig, {"lm_head": "lm_head"}),
     "prune": (PruneStep, {"importance": "importance"}),
     "drop": (DropStep, {"layers": "layers"}),
+    "head": (HeadStep, {"bits": "bits"}),
     "cast": (CastStep, {"dtype": "dtype"}),
 }
-Step = GPTQConfig | RTNConfig | PruneStep | DropStep | CastStep
+Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep
 
 
 @dataclass
 class Recipe:
     """Steps applied in order by `compress`; `str()` gives the full recipe text, which parses back to it."""
 
-    steps: list[Step]  # quantization configs, PruneStep, DropStep, CastStep
+    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep
 
     @property
     def needs_calibration(self) -> bool:
@@ -162,6 +186,8 @@ def _format_step(step: Step) -> str:
         keys = {step.dim: "amount", **keys}
     if getattr(step, "bits", None) == 8:  # one scale per output channel: no group
         keys.pop("group", None)
+    if getattr(step, "grid", None) == "kernel":  # the default grid: older recipe texts stay as they were
+        keys.pop("grid")
     value = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
     return f"{name}:" + ",".join(f"{k}={value(getattr(step, f))}" for k, f in keys.items())
 
@@ -199,6 +225,25 @@ def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None
             prune_model(model, step.amount, step.dim, step.importance, calib)
         elif isinstance(step, DropStep):
             drop_layers(model, step.layers, calib)
+        elif isinstance(step, HeadStep):
+            bits = policy(_device(model)).head_bits if step.bits == "auto" else step.bits
+            if bits not in (None, "none") and type(model.lm_head) is nn.Linear:  # a quantized head stays as it is
+                quantize_head_(model, RTNConfig(bits=int(bits), group_size=128, lm_head=True))
         else:
-            model.to(resolve_dtype(step.dtype, "cpu"))
+            dtype = policy(_device(model)).float_dtype if step.dtype == "auto" else step.dtype
+            _cast(model, resolve_dtype(dtype, "cpu"))
     return model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, except the rotary embeddings' buffers (inv_freq and the like), which stay float32 as in a
+    model loaded in `dtype`: in bfloat16 the frequencies alone move cos by up to 0.36 within 2048 positions."""
+    rotary = [(m, dict(m.named_buffers(recurse=False))) for m in model.modules() if "Rotary" in type(m).__name__]
+    model.to(dtype)
+    for module, buffers in rotary:
+        for name, buffer in buffers.items():
+            setattr(module, name, buffer)

@@ -1,7 +1,9 @@
 """The largest pruning amount that keeps RACE accuracy at or above a floor.
 
 Bisection over the amount, on the assumption the reference study makes too: accuracy falls as the amount grows.
-The quantized parent is built once and deep-copied for each probe, so a search quantizes only once.
+`search` builds each quantized parent once, evaluates it once, and deep-copies it for each probe of each pruning
+dimension. The range searched ends at the largest amount that leaves one unit (channel, 4-bit group, KV group) of
+every pruned layer (`prune.max_amount`), and an amount that would remove all of one is a failed probe, not a crash.
 """
 
 from __future__ import annotations
@@ -65,37 +67,53 @@ def bisect_max_amount(accuracy: Callable[[float], float], floor: float, lo: floa
     return best, best_acc, probes
 
 
-def search_pruning(model, tokenizer, quant: str = "none", dim: str = "input", floor: float = 0.50,
-                   floor_relative: float | None = None, importance: str = "l1", race=None, calib=None,
-                   tol: float = 0.01, hi: float = 0.95) -> SearchResult:
-    """Largest `dim` pruning amount on top of `quant` whose RACE accuracy stays >= the floor.
+def search(model, tokenizer, quants: list[str], dims: list[str], floor: float = 0.50,
+           floor_relative: float | None = None, importance: str = "l1", race=None, calib=None, tol: float = 0.01,
+           hi: float = 0.95, on_result: Callable[[list[SearchResult]], None] | None = None) -> list[SearchResult]:
+    """For each quantization in `quants` (a parent built once from a copy of `model`) and each pruning dimension in
+    `dims`, the largest amount whose RACE accuracy stays >= the floor. `on_result` gets the results so far after
+    each (quant, dim) pair, so a later failure loses nothing found before it.
 
-    `floor_relative` (e.g. 0.9) replaces the absolute floor by that share of the parent's accuracy.
-    `race` is what `evaluate_race` takes as data (None: the shipped sample). `model` is quantized in place.
+    `floor_relative` (e.g. 0.9) replaces the absolute floor by that share of each parent's accuracy.
+    `race` is what `evaluate_race` takes as data (None: the shipped sample).
     """
     from .evaluate import evaluate_race
-    from .prune import prune_model
+    from .prune import DIMS, max_amount, prune_model
     from .recipes import compress, parse_recipe
 
-    if quant not in QUANTS:
-        raise ValueError(f"unknown quantization {quant!r}; valid: {', '.join(QUANTS)}")
-    parent = model if QUANTS[quant] is None else compress(model, parse_recipe(QUANTS[quant]), calib=calib,
-                                                          tokenizer=tokenizer)
-    base_acc = evaluate_race(parent, tokenizer, data=race).acc
-    if floor_relative is not None:
-        if not 0.0 < floor_relative <= 1.0:
-            raise ValueError(f"--floor-relative must be in (0, 1], got {floor_relative}")
-        floor = floor_relative * base_acc
-    log.info("%s parent: accuracy %.4f, floor %.4f", quant, base_acc, floor)
+    bad = [q for q in quants if q not in QUANTS] + [d for d in dims if d not in DIMS]
+    if bad:
+        raise ValueError(f"unknown quantization or pruning dim {', '.join(map(repr, bad))}; valid quantizations: "
+                         f"{', '.join(QUANTS)}; dims: {', '.join(DIMS)}")
+    if floor_relative is not None and not 0.0 < floor_relative <= 1.0:
+        raise ValueError(f"--floor-relative must be in (0, 1], got {floor_relative}")
+    results: list[SearchResult] = []
+    for quant in quants:
+        parent = copy.deepcopy(model)
+        if QUANTS[quant] is not None:
+            compress(parent, parse_recipe(QUANTS[quant]), calib=calib, tokenizer=tokenizer)
+        base_acc = evaluate_race(parent, tokenizer, data=race).acc
+        quant_floor = floor if floor_relative is None else floor_relative * base_acc
+        log.info("%s parent: accuracy %.4f, floor %.4f", quant, base_acc, quant_floor)
+        for dim in dims:
+            def accuracy(amount: float) -> float:
+                if amount == 0.0:
+                    return base_acc
+                try:
+                    pruned = prune_model(copy.deepcopy(parent), amount, dim=dim, importance=importance, calib=calib)
+                except ValueError as e:  # an amount that would remove every unit of a layer: a failed probe
+                    log.info("amount %.4f fails: %s", amount, e)
+                    return float("-inf")
+                return evaluate_race(pruned, tokenizer, data=race).acc
 
-    def accuracy(amount: float) -> float:
-        if amount == 0.0:
-            return base_acc
-        pruned = prune_model(copy.deepcopy(parent), amount, dim=dim, importance=importance, calib=calib)
-        return evaluate_race(pruned, tokenizer, data=race).acc
-
-    amount, acc, probes = bisect_max_amount(accuracy, floor, hi=hi, tol=tol)
-    return SearchResult(quant, dim, floor, base_acc, amount, acc, probes)
+            top = min(hi, max_amount(parent, dim))
+            log.info("%s %s: searching amounts up to %.4f (one unit of the narrowest layer left)", quant, dim, top)
+            amount, acc, probes = (bisect_max_amount(accuracy, quant_floor, hi=top, tol=tol) if top > 0 else
+                                   (0.0, base_acc, [(0.0, base_acc)]))  # layers of one unit: nothing to prune
+            results.append(SearchResult(quant, dim, quant_floor, base_acc, amount, acc, probes))
+            if on_result is not None:
+                on_result(results)
+    return results
 
 
 def search_table(results: list[SearchResult]) -> str:

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import register_random, settings
 
 from fastllama.models import load_model
+
+# Hypothesis profiles. "explore" (local default): new random examples every run, where a failure is a finding
+# (turn it into an @example). "ci" (selected by .ci/run through HYPOTHESIS_PROFILE): the same examples every run,
+# derandomized and without an example database, so a CI verdict does not depend on chance.
+settings.register_profile("explore", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
+
+
+class _TorchGlobalRandom:
+    """torch's global generator in the shape Hypothesis manages (seed / getstate / setstate), so it is seeded
+    before every example and restored after it, as Python's `random` is: an example alone fixes whatever a test
+    draws with torch.randn or an nn.Linear's init (without this, a replayed failure can draw other numbers)."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def getstate(self) -> torch.Tensor:
+        return torch.random.get_rng_state()
+
+    def setstate(self, state: torch.Tensor) -> None:
+        torch.random.set_rng_state(state)
+
+
+TORCH_RANDOM = _TorchGlobalRandom()  # Hypothesis holds registered generators by weak reference
+register_random(TORCH_RANDOM)
 
 
 def pytest_configure(config):

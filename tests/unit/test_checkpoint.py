@@ -126,8 +126,23 @@ def test_mismatched_files_are_named(tmp_path):
     save(a, tmp_path / "a")
     save(b, tmp_path / "b")
     (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} does not match .*{META_FILE}"):
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} does not match .*{META_FILE}: .*Missing key"):
         load(tmp_path / "a")
+
+
+def test_a_spec_it_cannot_build_says_so_not_different_saves(tiny_model, tmp_path):
+    """A module type this version does not know is reported as that, with the failing name and both versions,
+    not as the weights and the metadata coming from different saves."""
+    save(tiny_model, tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    name = next(iter(meta["modules"]))
+    meta["modules"][name] = {"type": "SparseLinear", "in_features": 1}
+    meta["versions"]["fastllama"] = "9.9"
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    cause = r"saved by 9\.9\) cannot build: ValueError: unknown module type 'SparseLinear'"
+    with pytest.raises(ValueError, match=cause) as e:
+        load(tmp_path)
+    assert "different saves" not in str(e.value)
 
 
 def test_unknown_format_is_a_clear_error(tiny_model, tmp_path):

@@ -44,7 +44,8 @@ def test_calibration_folder_reads_text_files(tmp_path):
     assert set(out.flatten().tolist()) <= {ord("x"), ord("y"), ord("\n")}
 
 
-@pytest.mark.parametrize("content, match", [("", "is empty"), ("   \n", "is empty"), ("short", "5 tokens, fewer than seqlen=16")])
+@pytest.mark.parametrize("content, match",
+                         [("", "is empty"), ("   \n", "is empty"), ("short", "5 tokens, fewer than seqlen=16")])
 def test_calibration_rejects_empty_or_short_text(tmp_path, content, match):
     path = tmp_path / "t.txt"
     path.write_text(content)
@@ -76,8 +77,8 @@ def test_ppl_text_is_shipped():
 
 
 # ---------------------------------------------------------------- RACE loader
-ROW = {"article": "Tom has a dog.", "question": "What does Tom have?", "options": ["a cat", "a dog", "a bird", "a fish"],
-       "answer": "B"}
+ROW = {"article": "Tom has a dog.", "question": "What does Tom have?",
+       "options": ["a cat", "a dog", "a bird", "a fish"], "answer": "B"}
 
 
 def _write_jsonl(path, rows):

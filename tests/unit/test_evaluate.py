@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fastllama.data import RaceExample
-from fastllama.evaluate import evaluate_race, letter_prompt, lm_eval_prompt, perplexity, wilson_interval
+from fastllama.evaluate import (LM_EVAL_RACE_VERSION, _encode, evaluate_race, letter_prompt, lm_eval_prompt, perplexity,
+                                 wilson_interval)
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +77,7 @@ EXAMPLE = RaceExample(
     question="When did Mia plant the beans?",
     options=("In March", "In May", "In June", "In July"),
     answer="B",
-    prior=(("Mia planted  _  .", "beans"), ("Who planted beans?", "Mia")),
+    prior=(("Mia planted  _  .", "beans"), ("Who planted beans?", "Mia"), ("Mia  _  beans.", "planted")),
 )
 
 
@@ -90,12 +91,15 @@ def test_letter_prompt_format():
 
 
 def test_lm_eval_prompt_format():
-    """lm-eval race v2.0: earlier questions answered (a cloze one as its last 5 characters + the answer),
-    then the bare question; the options' text as continuations after a space."""
+    """lm-eval race v3.0: earlier questions answered (one ending in a blank as the sentence it completes, with
+    no full stop; a blank elsewhere as a plain question), then the bare question; the options' text as
+    continuations after a space."""
+    assert LM_EVAL_RACE_VERSION == "3.0"
     context, continuations = lm_eval_prompt(EXAMPLE)
     assert context == ("Article: Mia planted beans in May.\n\n"
-                       " _  .beans\n"
+                       "Mia planted beans\n"
                        "Question: Who planted beans?\nAnswer: Mia\n"
+                       "Question: Mia  _  beans.\nAnswer: planted\n"
                        "When did Mia plant the beans?")
     assert continuations == [" In March", " In May", " In June", " In July"]
 
@@ -105,6 +109,20 @@ class CharTokenizer:
 
     def __call__(self, text, add_special_tokens=True, verbose=True):
         return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer that starts every encoding with a BOS (id 1) unless told not to, as Llama-3's does."""
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": [1] * add_special_tokens + super().__call__(text)["input_ids"]}
+
+
+@pytest.mark.parametrize("tok, bos", [(CharTokenizer(), []), (BosCharTokenizer(), [1])])
+def test_encode_keeps_the_tokenizers_bos_and_moves_trailing_spaces(tok, bos):
+    """As lm-eval's HF model with `add_bos_token` unset: the tokenizer's default BOS (if any) opens the context
+    and never reaches the continuation; the context's trailing spaces join the continuation."""
+    assert _encode(tok, "Q? ", "yes") == (bos + [ord(c) for c in "Q?"], [ord(c) for c in " yes"])
 
 
 def _examples(n: int, seed: int = 0) -> list[RaceExample]:
@@ -191,7 +209,7 @@ def test_limit_and_records_file(tiny_model, tmp_path):
     assert [r["id"] for r in rows] == [r["id"] for r in result.records]
     assert set(rows[0]) == {"id", "gold", "chosen", "correct", "loglik"}
     assert result.summary() == {"acc": result.acc, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": 4,
-                                "mode": "letter"}
+                                "mode": "letter", "task_version": None}
 
 
 def test_agreement_counts_shared_choices(tiny_model):
@@ -260,6 +278,7 @@ def test_cli_eval_race_prints_and_writes_json(cli_model, tmp_path, capsys):
     assert "RACE (lm-eval)" in printed and "95% CI [" in printed and "n=4" in printed
     saved = json.loads(out.read_text())
     assert saved["n"] == 4 and saved["mode"] == "lm-eval" and len(saved["records"]) == 4
+    assert saved["task_version"] == LM_EVAL_RACE_VERSION
     assert {r["id"] for r in saved["records"]} <= {e.id for e in load_race(data)}
 
 

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fastllama.nn
 from fastllama.nn import INT4_GROUPS, QuantLinear, from_spec, int4_group_for, to_spec
 
 pytestmark = pytest.mark.unit
 
-# Gaussian weights on a min-max grid: about 6 dB per bit minus the outliers' cost. The kernel runs on bfloat16
-# activations, so its output matches x @ dequantize().T only to bfloat16 precision (~50 dB).
-SQNR_DB = {4: 18.0, 8: 38.0}
-KERNEL_SQNR_DB = 40.0
+# SQNR bounds, derived. A min-max grid of L steps over a range R rounds each weight with an error uniform over a step
+# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 4-bit is asymmetric per group of g
+# inputs (R = max - min of the group, L = 15); 8-bit symmetric per row of n inputs (R = 2 max|w|, L = 254). The kernel
+# adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB against x @ Ŵ.T (400 seeds), whatever
+# the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the test's own estimate had means within
+# 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB) and, with 64 activation rows, a
+# standard deviation of at most 0.45 dB (16 outputs, the fewest). A bound 3 dB under the expectation is more than 6
+# standard deviations away: chance cannot break it, a grid off by one step does. The kernel's bound sits 6.6 dB (25
+# standard deviations) under its measured 52.6 dB.
+MARGIN_DB = 3.0
+KERNEL_NOISE = 10 ** -5.26  # the kernel's bfloat16 rounding, as a noise-to-signal power ratio (52.6 dB)
+KERNEL_SQNR_DB = 46.0
+
+
+def expected_sqnr_db(bits: int, n: int, draws: int = 8192) -> float:
+    """Expected SQNR (dB) of the kernel's output for N(0, 1) weights on a min-max grid over `n` of them (a 4-bit
+    group, or an 8-bit row): 12 L² / E[R²] from `draws` seeded samples of the range R, plus the kernel's rounding."""
+    w = torch.randn(draws, n, generator=torch.Generator().manual_seed(0))
+    steps, width = (15, w.amax(1) - w.amin(1)) if bits == 4 else (254, 2 * w.abs().amax(1))
+    noise = (width ** 2).mean().item() / (12 * steps ** 2)
+    return -10 * math.log10(noise + KERNEL_NOISE)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -42,14 +67,18 @@ layers = st.fixed_dictionaries({
 
 @settings(max_examples=20, deadline=None)
 @given(layers)
+# found by exploration (17.99 dB against the old, guessed bound of 18 dB; expected 19.2): 4-bit min-max in groups of
+# 256 lands near 19 dB by its nature, so the bound is now derived (see expected_sqnr_db)
+@example({"bits": 4, "group": 256, "groups": 1, "out": 16, "bias": False, "seed": 930})
 def test_sqnr_against_float_and_dequantized(p):
     linear = make_linear(p["group"] * p["groups"], p["out"], p["bias"], p["seed"])
     q = QuantLinear.from_float(linear, p["bits"], p["group"])
-    x = torch.randn(2, 5, linear.in_features)
+    x = torch.randn(64, linear.in_features)
     with torch.no_grad():
         y, ref = q(x), linear(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
-    assert sqnr(ref, y) > SQNR_DB[p["bits"]]
+    n = p["group"] if p["bits"] == 4 else linear.in_features  # the weights one grid spans
+    assert sqnr(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
     assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
 
 
@@ -104,7 +133,7 @@ def test_activations_of_any_float_dtype(dtype):
     x = torch.randn(4, 128)
     y = q(x.to(dtype))
     assert y.dtype == dtype and q.bias.dtype == dtype
-    assert sqnr(linear(x).detach(), y.float()) > SQNR_DB[4] - 3
+    assert sqnr(linear(x).detach(), y.float()) > expected_sqnr_db(4, 32) - MARGIN_DB - 3  # + the dtype's rounding
 
 
 @settings(max_examples=10, deadline=None)
@@ -114,14 +143,14 @@ def test_select_rows_and_whole_groups(bits, seed):
     q = QuantLinear.from_float(linear, bits, 64)
     w = q.dequantize()
     rows = torch.randperm(64)[:32].sort().values
-    cols = torch.tensor([64 * g + i for g in (0, 2) for i in range(64)]) if bits == 4 else torch.arange(16, 80)
+    cols = torch.tensor([64 * g + i for g in (0, 2) for i in range(64)]) if bits == 4 else torch.arange(16, 53)
     by_rows, by_cols = q.select(0, rows), q.select(1, cols)
     assert torch.equal(by_rows.dequantize(), w[rows])
     assert torch.equal(by_cols.dequantize(), w[:, cols])
     assert torch.equal(by_rows.bias, q.bias[rows]) and torch.equal(by_cols.bias, q.bias)
     x = torch.randn(3, 256)
     assert torch.equal(by_rows(x), q(x)[:, rows])
-    assert (by_cols.bits, by_cols.group_size) == (bits, 64 if bits == 4 else 64)
+    assert (by_cols.bits, by_cols.group_size) == (bits, 64 if bits == 4 else 37)  # 8-bit: one group, the row
 
 
 def test_select_columns_rejects_partial_groups():
@@ -145,7 +174,7 @@ def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
     """int4 kernels need out_features, the int8 kernel in_features, divisible by 16: padded inside, invisibly."""
     linear = make_linear(*shape, bias=True)
     q = QuantLinear.from_float(linear, bits, 32)
-    x = torch.randn(3, shape[0])
+    x = torch.randn(64, shape[0])
     assert q.dequantize().shape == linear.weight.shape
     assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > KERNEL_SQNR_DB
     fresh = from_spec(to_spec(q))
@@ -173,15 +202,94 @@ def test_group_fallback_picks_the_largest_dividing_group():
         int4_group_for(100, 128)
 
 
+def test_cuda_int8_formulation_matches_the_cpu_kernel():
+    """The 8-bit form every device but the CPU runs (`F.linear(x, q) * scales`, fused by inductor), run here on CPU
+    tensors, equals the CPU's `_weight_int8pack_mm` up to bfloat16 rounding: both accumulate in float32, the linear
+    form rounds twice (the dot product, then its product with the scale), so each output is within 2 ulps (2^-7)."""
+    from fastllama.nn import _int8_linear
+
+    q = QuantLinear.from_float(make_linear(576, 96, seed=3), bits=8)
+    x = torch.randn(5, 576).to(torch.bfloat16)
+    kernel = torch.ops.aten._weight_int8pack_mm(x, q.packed, q.scales)
+    linear = _int8_linear(x, q.packed, q.scales)
+    assert linear.dtype == kernel.dtype == torch.bfloat16
+    torch.testing.assert_close(linear.float(), kernel.float(), rtol=2 ** -7, atol=0)
+    assert sqnr(nn.functional.linear(x.float(), q.dequantize()), linear.float()) > KERNEL_SQNR_DB
+
+
+UNPACK_CHECK = """
+import sys
+import torch
+from fastllama.nn import QuantLinear
+if torch.backends.cpu.get_cpu_capability() != sys.argv[1]:
+    sys.exit(3)  # this CPU cannot run that capability
+for out in (16, 48, 80, 112, 144, 208):  # full and partial row blocks (64 rows on AVX512, 32 on AVX2)
+    for cols in (32, 64, 96, 192, 256):
+        q = torch.randint(0, 16, (out, cols), generator=torch.Generator().manual_seed(out * cols))
+        module = QuantLinear.from_values(q, torch.rand(out, cols // 32), torch.rand(out, cols // 32), None, 4, 32)
+        assert torch.equal(module.values()[0], q), (out, cols)
+"""
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("capability", [c for c in CAPABILITIES if c != torch.backends.cpu.get_cpu_capability()])
+def test_cpu_int4_packing_unpacks_exactly_on_other_cpu_capabilities(capability):
+    """The CPU int4 layout differs by capability (ATEN_CPU_CAPABILITY picks it; this process's own is checked by
+    the tests above): the unpacked integers are the packed ones, for full and partial row blocks."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower(), "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", UNPACK_CHECK, capability], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode == 3:
+        pytest.skip(f"this CPU cannot run {capability}")
+    assert done.returncode == 0, done.stderr
+
+
+@settings(max_examples=20, deadline=None)
+@given(blocks=st.integers(1, 14), groups=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_cpu_int4_packing_unpacks_exactly(blocks, groups, seed):
+    """values() reads the CPU int4 packing back directly, for full and partial blocks of rows (multiples of 16)."""
+    out, cols = 16 * blocks, 32 * groups
+    q = torch.randint(0, 16, (out, cols), generator=torch.Generator().manual_seed(seed))
+    module = QuantLinear.from_values(q, torch.rand(out, groups), torch.rand(out, groups), None, 4, 32)
+    assert torch.equal(module.values()[0], q)
+    assert torch.equal(module.state_dict()["qweight"], (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8))
+
+
+def test_moving_a_loaded_4bit_model_never_reads_back_through_the_kernel(tiny_model, tmp_path, monkeypatch):
+    """The load path onto a GPU (checkpoint.load on the CPU, then .to(device)) unpacks the CPU packing directly:
+    neither values() nor the int4 kernel (reading an identity matrix back through it, O(in² · out)) runs.
+    'meta' stands in for the GPU, as the repacking does not depend on the target."""
+    from fastllama.checkpoint import load, save
+    from fastllama.gptq import RTNConfig, quantize_
+
+    save(quantize_(tiny_model, RTNConfig(bits=4, group_size=32)), tmp_path / "m")
+    expect = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the int4 values were read back through the kernel")
+
+    monkeypatch.setattr(QuantLinear, "values", forbidden)
+    monkeypatch.setattr(fastllama.nn, "_int4_mm", forbidden)
+    model, _ = load(tmp_path / "m")
+    moved = copy.deepcopy(model).to("meta")
+    q = moved.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.packed.device.type == "meta"
+    state = model.state_dict()  # the portable form, unpacked on the CPU: what .to() repacks
+    assert all(torch.equal(state[k], v) for k, v in expect.items())
+
+
 def test_cuda_kernel_matches_cpu(cuda):
-    """`.to("cuda")` repacks for tinygemm; the integers and scales survive the trip exactly."""
+    """`.to("cuda")` repacks for tinygemm (4-bit) and the fused linear form (8-bit): the same integers and
+    scales, the same outputs up to the kernels' bfloat16 rounding, compared with a CPU copy made before the move
+    (Module.to moves in place and returns the module itself)."""
     for bits in (4, 8):
-        linear = make_linear(576, 64, bias=True)
-        q = QuantLinear.from_float(linear, bits, 64)
-        state = q.state_dict()
-        q_cuda = q.to(cuda)
-        assert q_cuda.packed.is_cuda
+        on_cpu = QuantLinear.from_float(make_linear(576, 64, bias=True), bits, 64)
+        state = on_cpu.state_dict()
+        on_gpu = copy.deepcopy(on_cpu).to(cuda)
+        assert on_gpu.packed.is_cuda and not on_cpu.packed.is_cuda
         x = torch.randn(5, 576)
-        assert sqnr(q(x), q_cuda(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
-        for k, v in q_cuda.state_dict().items():
+        assert sqnr(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
+        for k, v in on_gpu.state_dict().items():
             assert torch.equal(v.cpu(), state[k])
+        back = copy.deepcopy(on_gpu).to("cpu")
+        assert torch.equal(back(x), on_cpu(x))

@@ -141,6 +141,16 @@ def test_heads_coupled_equals_masking_the_kv_group(tiny_model, importance):
     torch.testing.assert_close(_logits(tiny_model), _logits(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dim", ["mlp", "heads"])
+def test_coupled_pruning_stays_on_the_model_device(tiny_model, dim):
+    """A meta-device copy stands in for a GPU: an index built on the CPU and used on the weights' device raises
+    the same device mismatch there (heads pruning built its row indices with a bare torch.arange)."""
+    model = prune_model(tiny_model.to("meta"), 0.5, dim=dim)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert (attn.q_proj.out_features, mlp.gate_proj.out_features) == ((64, 256) if dim == "heads" else (128, 128))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 @pytest.mark.parametrize("dim", ["input", "output", "mlp", "heads"])
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_generate_after_pruning(tiny_model, dim, cache):
@@ -253,3 +263,66 @@ def test_cli_prune_out_loads_back(tmp_path):
     assert main(["prune", "--model", "random:tiny", "--dim", "heads", "--amount", "0.5", "--out", str(tmp_path)]) == 0
     model, _ = load(tmp_path)
     assert model.config.num_key_value_heads == 1 and model.model.layers[0].self_attn.k_proj.out_features == 32
+
+
+@pytest.mark.parametrize("dim, amount, removes", [("mlp", 0.0002, False), ("input", 0.001, False),
+                                                  ("heads", 0.1, False), ("mlp", 0.25, True), ("input", 0.01, True)])
+def test_an_amount_that_removes_nothing_warns_with_the_counts(tiny_model, caplog, dim, amount, removes):
+    with caplog.at_level("WARNING", logger="fastllama.prune"):
+        prune_model(tiny_model, amount, dim=dim)
+    warned = [r.getMessage() for r in caplog.records if "removes nothing" in r.getMessage()]
+    assert bool(warned) != removes, warned
+    if warned:
+        assert {"mlp": "(256 of them", "input": "(128/256 of them", "heads": "(2 of them"}[dim] in warned[0]
+
+
+def _input_norms(model, leaf):
+    """The L2 norm of each input channel of every layer's `leaf` linear over CALIB, gathered here with plain hooks
+    (independently of fastllama.prune.activation_norms)."""
+    sq = {}
+    hooks = [layer.get_submodule(leaf).register_forward_pre_hook(
+        lambda m, args, i=i: sq.__setitem__(i, sq.get(i, 0) + args[0].detach().flatten(0, -2).square().sum(0)))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(CALIB)
+    for h in hooks:
+        h.remove()
+    return [sq[i].sqrt() for i in range(len(model.model.layers))]
+
+
+@pytest.mark.parametrize("importance", ["l1", "act"])
+def test_coupled_mlp_keeps_the_top_scoring_channels(tiny_model, importance):
+    """The kept MLP channels are the top-k of a score computed here from its definition: l1, the L1 norm of the
+    channel's gate and up rows and down column; act, its down column's |W| times the column's activation norm."""
+    ref = copy.deepcopy(tiny_model)
+    norms = _input_norms(ref, "mlp.down_proj")
+    prune_model(tiny_model, 0.5, dim="mlp", importance=importance, calib=CALIB)
+    for i, (layer, layer_ref) in enumerate(zip(tiny_model.model.layers, ref.model.layers)):
+        g, u, d = (layer_ref.mlp.get_submodule(n).weight.detach() for n in ("gate_proj", "up_proj", "down_proj"))
+        score = (g.abs().sum(1) + u.abs().sum(1) + d.abs().sum(0)) if importance == "l1" else \
+            (d.abs() * norms[i]).sum(0)
+        expected = torch.topk(score, 128).indices.sort().values
+        kept = (layer.mlp.gate_proj.weight[:, None] == g[None]).all(-1).nonzero()[:, 1]
+        assert kept.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("importance", ["l1", "act"])
+def test_coupled_heads_keep_the_top_scoring_kv_group(tiny_model, importance):
+    """The kept KV group is the top one by a score computed here: l1, the L1 norm of its q, k, v rows and o columns;
+    act, its o columns' |W| times their activation norms. Layers are made to disagree so both choices occur."""
+    with torch.no_grad():  # layer 0 favours group 0, layer 1 group 1, under either score
+        tiny_model.model.layers[0].self_attn.o_proj.weight[:, :64] *= 4
+        tiny_model.model.layers[1].self_attn.o_proj.weight[:, 64:] *= 4
+    ref = copy.deepcopy(tiny_model)
+    norms = _input_norms(ref, "self_attn.o_proj")
+    prune_model(tiny_model, 0.5, dim="heads", importance=importance, calib=CALIB)
+    for i, (layer, layer_ref) in enumerate(zip(tiny_model.model.layers, ref.model.layers)):
+        a = layer_ref.self_attn
+        o = a.o_proj.weight.detach().abs()
+        if importance == "l1":
+            score = o.sum(0).view(2, -1).sum(1) + sum(p.weight.detach().abs().sum(1).view(2, -1).sum(1)
+                                                      for p in (a.q_proj, a.k_proj, a.v_proj))
+        else:
+            score = (o * norms[i]).sum(0).view(2, -1).sum(1)
+        kept = int(torch.equal(layer.self_attn.k_proj.weight, a.k_proj.weight[32:]))
+        assert kept == int(score.argmax()) == i

@@ -10,24 +10,54 @@ from torch import nn
 
 from fastllama.gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig
 from fastllama.nn import PrunedInputLinear, QuantLinear
-from fastllama.recipes import PRESETS, CastStep, DropStep, PruneStep, Recipe, compress, parse_recipe
+from fastllama.recipes import PRESETS, CastStep, DropStep, HeadStep, PruneStep, Recipe, compress, parse_recipe
 
 pytestmark = pytest.mark.unit
 
 
 def test_presets_of_the_reference_study():
-    bf16 = CastStep("bf16")  # quantized presets keep their float parts in bf16, as the reference study's fp16
+    auto = [HeadStep("auto"), CastStep("auto")]  # quantized presets finish by the hardware policy
     gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True)  # spelled out in the preset text
     gptq8 = GPTQConfig(bits=8, act_order=True, clip=False)
-    assert parse_recipe("gptq4").steps == [gptq4, bf16]
-    assert parse_recipe("gptq8").steps == [gptq8, bf16]
-    assert parse_recipe("gptq4-prune-in10").steps == [gptq4, bf16, PruneStep("input", 0.10)]
-    assert parse_recipe("gptq8-prune-in35").steps == [gptq8, bf16, PruneStep("input", 0.35)]
+    assert parse_recipe("gptq4").steps == [gptq4, *auto]
+    assert parse_recipe("gptq8").steps == [gptq8, *auto]
+    assert parse_recipe("gptq4-prune-in10").steps == [gptq4, *auto, PruneStep("input", 0.10)]
+    assert parse_recipe("gptq8-prune-in35").steps == [gptq8, *auto, PruneStep("input", 0.35)]
     assert parse_recipe("prune-out01").steps == [PruneStep("output", 0.01)]
-    assert parse_recipe("int8wo").steps == [Int8WeightOnlyConfig(), bf16]
+    assert parse_recipe("int8wo").steps == [Int8WeightOnlyConfig(), *auto]
     assert parse_recipe("bf16").steps == [CastStep("bf16")]
     assert parse_recipe("drop:layers=3").steps == [DropStep(3)]
-    assert parse_recipe("rtn4").steps == [RTNConfig(bits=4, group_size=128), bf16]
+    assert parse_recipe("rtn4").steps == [RTNConfig(bits=4, group_size=128), *auto]
+
+
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_steps_follow_the_hardware_policy(tiny_model, monkeypatch, native, dtype):
+    """On the CPU the head becomes int8 and the float parts bf16 only where bf16 is native; an explicit value wins."""
+    from dataclasses import replace
+
+    from fastllama import hardware
+
+    real = hardware.machine
+    monkeypatch.setattr(hardware, "machine", lambda device="cpu": replace(real(device), bf16_native=native,
+                                                                           cpu_capability="AVX512"))
+    compress(tiny_model, "rtn4")
+    assert isinstance(tiny_model.lm_head, QuantLinear) and tiny_model.lm_head.bits == 8
+    assert tiny_model.model.embed_tokens.weight.dtype == dtype
+    assert tiny_model.model.layers[0].input_layernorm.weight.dtype == dtype
+    compress(tiny_model, "cast:dtype=fp16")
+    assert tiny_model.model.embed_tokens.weight.dtype == torch.float16
+
+
+def test_avx2_dispatch_emulates_bf16_whatever_the_flags():
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 machine runs the AVX2 kernels: the policy then keeps float32."""
+    from dataclasses import replace
+
+    from fastllama.hardware import machine, policy
+
+    m = replace(machine("cpu"), bf16_native=True, cpu_capability="AVX2")
+    assert policy("cpu", m).float_dtype == "float32" and policy("cpu", replace(m, cpu_capability="AVX512")
+                                                               ).float_dtype == "bfloat16"
+    assert policy("cpu", m).head_bits == 8 and policy("cuda", replace(m, device="cuda:0")).head_bits is None
 
 
 def test_steps_with_keys_and_presets_combined():
@@ -47,7 +77,8 @@ steps = st.one_of(
     st.builds(PruneStep, dim=st.sampled_from(["input", "output", "mlp", "heads"]), amount=st.floats(0, 0.99),
               importance=st.sampled_from(["l1", "act"])),
     st.builds(DropStep, layers=st.integers(0, 40)),
-    st.builds(CastStep, dtype=st.sampled_from(["bf16", "fp16", "fp32"])),
+    st.builds(HeadStep, bits=st.sampled_from(["4", "8", "none", "auto"])),
+    st.builds(CastStep, dtype=st.sampled_from(["bf16", "fp16", "fp32", "auto"])),
 )
 
 
@@ -65,7 +96,8 @@ def test_text_round_trips(step_list):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, cast; presets: bf16, fp32, gptq4"),
+    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast; "
+              "presets: bf16, fp32, base, gptq4"),
     ("gptq:bits=3", "bits=3 is not supported; valid: 4"),
     ("gptq:group=100", "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     ("gptq:bitz=4", "bad gptq argument 'bitz=4'; valid keys: bits=, group=, act_order=, damp=, lm_head="),
@@ -130,6 +162,21 @@ def test_cast_step(tiny_model):
     assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("recipe", ["bf16", "gptq4", "fp32 + cast:dtype=fp16"])
+def test_cast_keeps_the_rotary_frequencies_in_float32(tiny_model, recipe):
+    """As in a model loaded in bfloat16: inv_freq (and every other rotary buffer) stays float32, so cos and sin are
+    the float32 model's, rounded once to the model's dtype."""
+    positions = torch.arange(2048)[None]
+    ref_cos, _ = tiny_model.model.rotary_emb(torch.empty(0), positions)
+    compress(tiny_model, recipe, torch.randint(0, 512, (2, 16)))
+    rotary = tiny_model.model.rotary_emb
+    assert {name: b.dtype for name, b in rotary.named_buffers()} == {"inv_freq": torch.float32,
+                                                                     "original_inv_freq": torch.float32}
+    dtype = tiny_model.model.embed_tokens.weight.dtype
+    cos, _ = rotary(torch.empty(0, dtype=dtype), positions)
+    assert torch.equal(cos, ref_cos.to(dtype))
+
+
 # ---------------------------------------------------------------- the `fastllama compress` subcommand
 def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     from fastllama.checkpoint import load
@@ -144,12 +191,17 @@ def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     assert isinstance(model.model.layers[0].self_attn.q_proj.inner, QuantLinear)
 
 
-def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys):
+def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys, monkeypatch):
+    """No hub and no --calib: the silent fallback to the model's own samples is printed and recorded."""
+    from fastllama import data
+    from fastllama.checkpoint import read_meta
     from fastllama.cli import main
 
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=2.0: False)
     assert main(["compress", "--model", "random:tiny", "--recipe", "gptq:bits=8", "--nsamples", "2", "--seqlen", "8",
                  "--out", str(tmp_path / "m")]) == 0
-    assert "calibration: 2 x 8 tokens from" in capsys.readouterr().out
+    assert "calibration: 2 x 8 tokens from model samples" in capsys.readouterr().out
+    assert read_meta(tmp_path / "m")["calibration"] == "model samples"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,107 @@
+"""The machine a measurement ran on: device, CPU capability or GPU name, native bf16, threads, load.
+
+    machine("cpu") -> Machine(device="cpu", name="Intel(R) Xeon(R) Processor", cpu_capability="AVX512", ...)
+
+Every result that holds a speed carries one (`dataclasses.asdict(machine(device))`), so a number is never read
+without the machine that produced it, nor without how busy that machine was.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 arithmetic (AVX512-BF16, AMX)
+
+
+@dataclass
+class Machine:
+    device: str            # the device measured on: "cpu" or "cuda:0"
+    name: str              # the GPU's name on a GPU, else the CPU's model name
+    cpu_capability: str    # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...
+    bf16_native: bool      # the device computes in bf16 natively (CPU: avx512_bf16 or amx_bf16; GPU: sm_80 or later)
+    threads: int           # torch.get_num_threads()
+    load: float | None     # the 1-minute load average when this was taken (None where the OS has none)
+
+    def describe(self) -> str:
+        """One line for titles: "cpu, AVX512, native bf16, 2 threads" or "NVIDIA H100 80GB HBM3, native bf16, ..."."""
+        where = "cpu" if self.device == "cpu" else self.name
+        bf16 = "native bf16" if self.bf16_native else "no native bf16"
+        return f"{where}, {self.cpu_capability}, {bf16}, {self.threads} threads"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable tasks, all cores together), or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none: macOS, Windows)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return {}
+    fields = (line.partition(":") for line in text.split("\n\n")[0].splitlines())
+    return {k.strip(): v.strip() for k, _, v in fields}
+
+
+def machine(device: str | torch.device = "cpu") -> Machine:
+    """Describe the machine for measurements on `device`, with the load average right now."""
+    device = torch.device(device)
+    info = _cpuinfo()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    else:
+        name = info.get("model name") or platform.processor() or platform.machine()
+        bf16 = any(flag in info.get("flags", "").split() for flag in BF16_FLAGS)
+    return Machine(device=str(device), name=name, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   bf16_native=bf16, threads=torch.get_num_threads(), load=load_average())
+
+
+# ---------------------------------------------------------------- the dtype and kernel policy
+@dataclass
+class Policy:
+    """Which dtype and kernel each part of a compressed model uses on a device, decided in one place (`policy`)
+    from the detected machine and recorded beside every result."""
+
+    float_dtype: str        # the float parts (embeddings, norms, float linears) for `cast:dtype=auto`
+    head_bits: int | None   # `head:bits=auto` quantizes the output head to this many bits; None keeps it float
+    kernel_act_dtype: str   # activations into the int4/int8 kernels (their scales' dtype)
+    fp32_linear: str        # float32 linears at batch 1 on the CPU: "onednn" or "mkl" (F.linear's sgemm)
+    attn_dtype: str         # attention and the KV cache of the fast path ("model": the model's own dtype)
+    why: str                # the measurements behind it, in one line
+
+
+def bf16_compute(m: Machine) -> bool:
+    """Whether bf16 arithmetic is native where the kernels run: the flags, and ATen dispatching past AVX2 (with
+    ATEN_CPU_CAPABILITY=avx2 an AVX512 machine runs the AVX2 kernels, which emulate bf16)."""
+    return m.bf16_native and (m.device != "cpu" or m.cpu_capability not in ("AVX2", "DEFAULT"))
+
+
+def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Policy:
+    """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
+    m = m or machine(device)
+    if m.device != "cpu":
+        return Policy("bfloat16", None, "bfloat16", "mkl", "model",
+                      "GPU: bf16 tensor cores; the head stays bf16 as in the reference study; "
+                      "int8 and int4 weights dequantize inside their matmul")
+    native, amd = bf16_compute(m), "AMD" in m.name
+    return Policy(
+        "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32",
+        ("CPU with native bf16: float parts in bf16 (half the bytes)" if native else
+         "CPU without native bf16 (emulated: a bf16 49152x576 head took 34 ms/token against 4.7 ms in float32 on an "
+         "AVX2 EPYC): float parts in float32")
+        + "; the head quantized to int8 (the largest matmul of small models; llama.cpp keeps its own head at 6-8 "
+        "bits too); int4/int8 kernels fed bf16 activations (their fast path: float32 activations took 79-129 ms a "
+        "token against 8-11 ms on AVX2); attention in float32 (a bf16 SDPA decode call took 100 us against 18 us); "
+        "float32 linears on oneDNN on AMD CPUs (MKL's sgemm streamed 16 GB/s where oneDNN streamed 25 on an EPYC), "
+        "on MKL elsewhere (a Xeon with AMX decoded float32 in 29.8 ms/token through MKL, 42.3 through oneDNN)")

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fastllama.gptq import (CLIP_SHRINKS, GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer,
-                            _linears, clip_grid, gptq_quantize, hessian, quantize_)
-from fastllama.nn import QuantLinear, dequantize_values, quant_grid, quantize_values
+                            clip_grid, gptq_quantize, hessian, quantize_)
+from fastllama.nn import QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values
 
 pytestmark = pytest.mark.unit
 
@@ -128,14 +128,18 @@ def weighted_error(w, importance, bits, scale, zero):
     return ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_clip_grid_takes_the_shrink_with_the_least_weighted_error(bits):
-    """Each row gets the candidate range (its min and max times a shrink) that rounds it best, so never worse than
-    min-max (the first candidate); on the 16-level grid, clipping the tails of Gaussian rows pays for some."""
+@pytest.mark.parametrize("bits, grid", [(4, "kernel"), (8, "kernel"), (4, "q4_0"), (8, "q8_0")])
+def test_clip_grid_takes_the_shrink_with_the_least_weighted_error(bits, grid):
+    """Each row gets the candidate range (its min and max times a shrink) that rounds it best, on the grid asked
+    for (GGUF's too), so never worse than min-max (the first candidate); on the 16-level grids, clipping the tails
+    of Gaussian rows pays for some."""
     gen = torch.Generator().manual_seed(0)
     w, importance = torch.randn(8, 3, 64, generator=gen), torch.rand(3, 64, generator=gen)
-    scale, zero = clip_grid(w, bits, importance)
-    candidates = torch.stack([weighted_error(w, importance, bits, *quant_grid(w * p, bits)) for p in CLIP_SHRINKS])
+    scale, zero = clip_grid(w, bits, importance, grid)
+    if grid == "q4_0":
+        assert torch.equal(zero, torch.zeros_like(zero))  # Q4_0 has no zero point: Ŵ = d·(q - 8)
+    candidates = torch.stack([weighted_error(w, importance, bits, *grid_for(w * p, bits, grid))
+                              for p in CLIP_SHRINKS])
     chosen = weighted_error(w, importance, bits, scale, zero)
     assert torch.equal(chosen, candidates.amin(0))
     assert (chosen <= candidates[0]).all()

@@ -57,6 +57,10 @@ PRESETS = {  # the reference study's recipes, and a few more
     "rtn4": f"rtn:bits=4,group=128 + {AUTO}",
     "rtn8": f"rtn:bits=8 + {AUTO}",
     "prune-mlp25": "prune:mlp=0.25",
+    # activation-aware (|W| x the calibration inputs' norm): keeps the channels that carry massive activations,
+    # which L1 removes (tests/accuracy bound both on the embedded model)
+    "gptq4-prune-in10-act": f"{GPTQ4} + {AUTO} + prune:input=0.10,importance=act",
+    "prune-mlp25-act": "prune:mlp=0.25,importance=act",
 }
 
 

@@ -147,7 +147,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None,
                    help="calibration text file or folder (default: C4 if reachable, else model samples)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64, as fastllama.data)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
 
 

@@ -11,15 +11,19 @@ own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels,
 per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="q4_0"` /
 `"q8_0"` targets GGUF's grids instead (see `nn.grid_for`), which the same kernels compute with exactly.
 
-With `act_order`, columns are visited by decreasing Hessian diagonal but groups stay in natural column order
-(the kernels need that): each group's grid is fixed up front from the unquantized weights ("static groups").
-Without it, a group's grid is taken from the error-updated weights when GPTQ reaches its first column.
+With `act_order` (the default), columns are visited by decreasing Hessian diagonal but groups stay in natural
+column order (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static
+groups"). Without it, a group's grid is taken from the error-updated weights when GPTQ reaches its first column.
+With `clip` (the default), a grid's range is searched rather than taken from the min-max: the min and max shrunk
+by the factor (of CLIP_SHRINKS) that rounds the group with the least error, weighted by the Hessian diagonal,
+then rounded to bfloat16 like any grid (see `clip_grid`).
 
-The decoder is processed one layer at a time: the inputs of layer 0 are captured from the calibration tokens,
-each layer's Hessians come from its float forward, its linears are quantized, and its quantized forward gives
-the next layer's inputs, so only one layer's activations are held. The embedding stays float. The output head
-stays float too unless `lm_head=True`: it is then untied from the embedding and quantized on the final
-hidden states (it is the largest matmul of small models, so CPU decode speed needs it).
+The decoder is processed one layer at a time, all the calibration sequences in one batch: the inputs of layer 0
+are captured from the calibration tokens, then one forward through each layer quantizes its linears in the
+order it reaches them (true-sequential, see `_gptq_layer`) and gives the next layer's quantized inputs, so only
+one layer's activations are held. The embedding stays float. The output head stays float too unless
+`lm_head=True`: it is then untied from the embedding and quantized on the final hidden states (it is the
+largest matmul of small models, so CPU decode speed needs it).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from .data import check_calib
 from .nn import QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
 
 log = logging.getLogger(__name__)
+
+CLIP_SHRINKS = tuple(1 - k / 100 for k in range(25))  # the range factors the clipping search tries: 1.00 .. 0.76
 
 
 @dataclass
@@ -61,11 +67,11 @@ class Int8WeightOnlyConfig(RTNConfig):
 class GPTQConfig(RTNConfig):
     """GPTQ onto the kernels' grid (see the module docstring)."""
 
-    act_order: bool = False  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
+    act_order: bool = True  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
-    block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
-    batch_size: int = 8  # calibration sequences per forward pass
+    clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
     grid: str = "kernel"  # kernel (the int4/int8 kernels' own), q4_0 (bits=4, group=32) or q8_0 (bits=8): GGUF's
+    block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,23 +152,31 @@ def _untie(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- GPTQ on one linear
-class Hessian:
-    """Running H = 2XXᵀ/n over the inputs of one linear (a forward hook)."""
-
-    def __init__(self, linear: nn.Linear):
-        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
-        self.n = 0
-
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        x = args[0].reshape(-1, self.H.shape[0]).float()
-        self.H *= self.n / (self.n + len(x))
-        self.n += len(x)
-        x = x * (2 / self.n) ** 0.5
-        self.H += x.T @ x
+def hessian(x: Tensor) -> Tensor:
+    """H = 2XXᵀ/n of a linear's inputs x [..., in_features] (n rows), in float32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return (2 / len(x)) * (x.T @ x)
 
 
-def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128,
+def clip_grid(w: Tensor, bits: int, importance: Tensor, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
+    """The `grid` of each row of `w` [..., g] (see `nn.grid_for`) whose range, its min and max times one of
+    CLIP_SHRINKS, rounds the row with the least error Σ importance·(ŵ - w)², `importance` [g] weighing each column
+    (GPTQ's Hessian diagonal): clipping a few extreme weights buys a finer step for all the others."""
+    ends = torch.stack([w.amin(-1), w.amax(-1)], -1)  # a row's min-max grid depends only on these two
+    best_err = torch.full(ends.shape[:-1], torch.inf, device=w.device)
+    best_scale, best_zero = torch.empty_like(best_err), None if bits == 8 else torch.empty_like(best_err)
+    for shrink in CLIP_SHRINKS:
+        scale, zero = grid_for(ends * shrink, bits, grid)  # each grid reads only a row's min and max
+        s, z = scale[..., None], None if zero is None else zero[..., None]
+        err = ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+        best_zero = None if zero is None else torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_order: bool = True, damp: float = 0.01,
+                  block_size: int = 128, clip: bool = True,
                   grid: str = "kernel") -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of a weight [out, in] given its inputs' Hessian [in, in].
 
@@ -175,54 +189,54 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    ngroups = cols // group_size
-    scales = torch.zeros(out, ngroups, device=W.device)
-    zeros = torch.zeros(out, ngroups, device=W.device) if bits == 4 else None
-
-    def set_grid(g: int, w: Tensor) -> None:
-        scales[:, g], zero = grid_for(w, bits, grid)
-        if zero is not None:
-            zeros[:, g] = zero
-
+    static = act_order or bits == 8  # grids fixed up front from the unquantized weights (8-bit: one group, the row)
+    diag = torch.diag(H).reshape(-1, group_size)  # each column's weight in the clipping search, per group
+    fit = (lambda w, g: clip_grid(w, bits, diag[g], grid)) if clip else (lambda w, g: grid_for(w, bits, grid))
+    if static:
+        scales, zeros = fit(W.reshape(out, -1, group_size), slice(None))
+    else:  # each group's grid is set from the error-updated weights when GPTQ reaches its first column
+        scales, zeros = W.new_zeros(out, cols // group_size), W.new_zeros(out, cols // group_size)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    if act_order or bits == 8:  # static grids from the unquantized weights (8-bit: one group, the whole row)
-        for g in range(ngroups):
-            set_grid(g, W[:, g * group_size:(g + 1) * group_size])
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    if act_order:
+        W, H = W.index_select(1, perm), H.index_select(0, perm).index_select(1, perm)
+    H.diagonal().add_(damp * torch.diag(H).mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros_like(W)
+    # W and Q are held transposed, [in, out], so that each column GPTQ visits is one contiguous row
+    W, Q = W.T.contiguous(), torch.empty(cols, out, device=W.device)
+    group = perm // group_size  # the group of each visited column
     block_size = max(block_size, group_size) if bits == 4 else block_size  # a lazy group then lies in one block
+    span = block_size if static else group_size  # columns that share one gather of their grids
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            if not act_order and bits == 4 and col % group_size == 0:
-                set_grid(col // group_size, W1[:, i:i + group_size])
-            g = col // group_size
-            zero = None if zeros is None else zeros[:, g]
-            q = quantize_values(W1[:, i], scales[:, g], zero)
-            Q[:, i1 + i] = q
-            err = (W1[:, i] - dequantize_values(q, scales[:, g], zero)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].int(), scales, zeros
+        W1, Hinv1, Err1 = W[i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.empty(i2 - i1, out, device=W.device)
+        for j1 in range(0, i2 - i1, span):  # block-local columns j1..j2
+            j2 = min(j1 + span, i2 - i1)
+            if not static:  # natural order, 4-bit: the span is one group, whose grid is set now
+                g = (i1 + j1) // group_size
+                scales[:, g], zeros[:, g] = fit(W1[j1:j2].T, g)
+            S = scales.T[group[i1 + j1:i1 + j2]]  # [span, out]: each column's scales (and zeros) as rows
+            Z = [None] * (j2 - j1) if zeros is None else zeros.T[group[i1 + j1:i1 + j2]]
+            for i, s, z in zip(range(j1, j2), S, Z):
+                w = W1[i]
+                Q[i1 + i] = q = quantize_values(w, s, z)
+                torch.div(w - dequantize_values(q, s, z), Hinv1[i, i], out=Err1[i])
+                W1[i:].sub_(Hinv1[i, i:, None] * Err1[i])
+        W[i2:].sub_((Err1.T.contiguous() @ Hinv[i1:i2, i2:]).T)  # the lazy update, as an [out, in] matmul
+    Q = Q.T
+    return (Q.index_select(1, torch.argsort(perm)) if act_order else Q).int(), scales, zeros
 
 
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
     group = _group(linear, config)
     q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
-                                     config.block_size, config.grid)
+                                     config.block_size, config.clip, config.grid)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
 
 # ---------------------------------------------------------------- GPTQ over the decoder
-def _capture(model: nn.Module, calib: Tensor, batch_size: int) -> list[tuple[Tensor, dict]]:
-    """Layer 0's (hidden states, keyword arguments) for each calibration batch; the model stops right there."""
+def _capture(model: nn.Module, calib: Tensor) -> tuple[Tensor, dict]:
+    """Layer 0's hidden states and keyword arguments for all the calibration sequences; the model stops there."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -231,51 +245,51 @@ def _capture(model: nn.Module, calib: Tensor, batch_size: int) -> list[tuple[Ten
         raise _Stop
 
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
     try:
-        for batch in calib.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        model(calib.to(next(model.parameters()).device), use_cache=False)
+    except _Stop:
+        pass
     finally:
         handle.remove()
-    return captured
+    return captured[0]
 
 
-def _forward(layer: nn.Module, inputs: list[tuple[Tensor, dict]]) -> list[tuple[Tensor, dict]]:
-    """The layer's outputs for each captured batch, paired with the same keyword arguments."""
-    outs = []
-    for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outs
+def _gptq_layer(layer: nn.Module, hidden: Tensor, kwargs: dict, config: GPTQConfig) -> Tensor:
+    """Quantize the layer's linears in one forward over all the calibration tokens; returns its output.
 
+    Each linear is quantized on the Hessian of its inputs when the forward reaches it, and the forward goes on
+    with its quantized weights (dequantized into the float linear: the same weights, faster than the kernels on a
+    CPU). So every linear sees the quantized outputs of those before it (true-sequential: o after q/k/v, gate/up
+    after the attention, down after gate/up), and the output is the next layer's quantized input. Linears fed
+    the very same tensor (q/k/v, gate/up) share one Hessian.
+    """
+    quantized: dict[nn.Linear, QuantLinear] = {}
+    last: list = [None, None]  # the latest input tensor and its Hessian
 
-def _hessians(linears: list[tuple[nn.Module, str, nn.Linear]], run) -> list[Tensor]:
-    """The Hessian of each linear's inputs while `run()` drives them."""
-    hessians = [Hessian(linear) for _, _, linear in linears]
-    handles = [linear.register_forward_hook(h) for (_, _, linear), h in zip(linears, hessians)]
+    def quantize(linear: nn.Linear, args: tuple) -> None:
+        if linear not in quantized:
+            H = last[1] if args[0] is last[0] else hessian(args[0])
+            last[:] = args[0], H
+            quantized[linear] = _gptq(linear, H, config)
+            linear.weight.copy_(quantized[linear].dequantize())
+
+    linears = _linears(layer)
+    handles = [linear.register_forward_pre_hook(quantize) for _, _, linear in linears]
     try:
-        run()
+        out = layer(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return [h.H for h in hessians]
+    for parent, name, linear in linears:
+        setattr(parent, name, quantized[linear])
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def _gptq_model(model: nn.Module, config: GPTQConfig, calib: Tensor) -> None:
-    inputs = _capture(model, calib, config.batch_size)
+    hidden, kwargs = _capture(model, calib)
     for layer in tqdm(model.model.layers, desc=f"gptq{config.bits}", leave=False):
-        linears = _linears(layer)
-        hessians = _hessians(linears, lambda: _forward(layer, inputs))
-        for (parent, name, linear), H in zip(linears, hessians):
-            setattr(parent, name, _gptq(linear, H, config))
-        inputs = _forward(layer, inputs)  # the next layer sees this layer's quantized outputs
+        hidden = _gptq_layer(layer, hidden, kwargs, config)
     if config.lm_head:
         _untie(model)
-        hessian = Hessian(model.lm_head)
-        for hidden, _ in inputs:
-            hessian(model.lm_head, (model.model.norm(hidden),), None)
-        model.lm_head = _gptq(model.lm_head, hessian.H, config)
+        model.lm_head = _gptq(model.lm_head, hessian(model.model.norm(hidden)), config)

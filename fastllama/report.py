@@ -47,7 +47,7 @@ class ReportConfig:
     mode: str = "letter"                            # RACE scoring: letter (A-D after "Answer:") or lm-eval
     device: str | None = None                       # None: cuda when available, else cpu
     calib: str | None = None                        # calibration text file/folder (None: C4, else model samples)
-    nsamples: int = 32                              # calibration sequences
+    nsamples: int = 64                              # calibration sequences (fastllama.data.CALIB_SAMPLES)
     seqlen: int = 256                               # calibration sequence length
     prompt_len: int = 128                           # bench prompt tokens
     new_tokens: int = 64                            # bench new tokens

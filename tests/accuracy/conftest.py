@@ -1,4 +1,5 @@
-"""Accuracy fixtures: the reference recipes applied to the embedded model, each built once per session."""
+"""Accuracy fixtures: the reference recipes applied to the embedded model, each built once per session, all
+calibrated on the shipped perplexity text after the part the perplexity tests score."""
 
 from __future__ import annotations
 
@@ -6,16 +7,33 @@ import copy
 
 import pytest
 
-from fastllama.data import calibration
+from fastllama.data import PPL_TEXT, calibration
 
-CALIB_SAMPLES, CALIB_SEQLEN = 16, 256  # small: C4 when the hub is reachable, else text sampled from the model
+EVAL_TOKENS = 1280  # the start of ppl.txt the perplexity tests score: 5 windows of 512 at stride 256
+# 16 x 256 windows of the rest of ppl.txt (4192 tokens): a shipped text keeps the calibration identical on every
+# machine (text sampled from the model shifts with the float rounding of its logits) and costs no generation
+CALIB_SAMPLES, CALIB_SEQLEN = 16, 256
 
 
 @pytest.fixture(scope="session")
-def calib(embedded):
-    """Calibration token ids shared by every recipe."""
-    model, tok = embedded
-    return calibration(tok, model=model, nsamples=CALIB_SAMPLES, seqlen=CALIB_SEQLEN)
+def ppl_ids(embedded):
+    """ppl.txt as token ids, tokenized as `perplexity` tokenizes a string."""
+    return embedded[1](PPL_TEXT.read_text(), return_tensors="pt")["input_ids"][0]
+
+
+@pytest.fixture(scope="session")
+def eval_ids(ppl_ids):
+    """The tokens the perplexity tests score."""
+    return ppl_ids[:EVAL_TOKENS]
+
+
+@pytest.fixture(scope="session")
+def calib(embedded, ppl_ids, tmp_path_factory):
+    """Calibration token ids shared by every recipe, from the text after `eval_ids` (never the scored part)."""
+    tok = embedded[1]
+    path = tmp_path_factory.mktemp("calib") / "ppl_rest.txt"
+    path.write_text(tok.decode(ppl_ids[EVAL_TOKENS:]), encoding="utf-8")
+    return calibration(tok, source=path, nsamples=CALIB_SAMPLES, seqlen=CALIB_SEQLEN)
 
 
 @pytest.fixture(scope="session")

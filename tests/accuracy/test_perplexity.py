@@ -1,33 +1,40 @@
-"""Perplexity retention: each reference recipe on the embedded model, over the start of the shipped text."""
+"""Perplexity retention: each reference recipe on the embedded model, over the start of the shipped text, and
+GPTQ against round-to-nearest on the same calibration (conftest: the rest of the shipped text)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastllama.data import PPL_TEXT
 from fastllama.evaluate import perplexity
 from fastllama.report import REFERENCE_RECIPES
 
 pytestmark = pytest.mark.accuracy
 
 REFERENCE = [r for r in REFERENCE_RECIPES if r != "bf16"]  # the compressed ones
+ACT_PRUNED = ["gptq4-prune-in10-act", "prune-mlp25-act"]  # activation-aware pruning, where L1 collapses
 
-TOKENS = 1280  # the first 1280 tokens of ppl.txt: 5 windows of 512 at stride 256, seconds per model
-# recipe -> the largest allowed ratio of its perplexity to the base's (measured 1.51 and 1.004, see the issue note)
-MAX_RATIO = {"gptq4": 2.0, "gptq8": 1.03, "gptq4-prune-in10": 2.5, "gptq8-prune-in35": 2.5}
-# L1 input pruning removes SmolLM2's massive-activation channels: measured ratios of 600 (in10) and 1e5 (in35)
+# recipe -> the largest allowed ratio of its perplexity to the base's. Measured in this setting (conftest: 1280
+# tokens scored, 16 x 256 calibration tokens from the rest of ppl.txt) on a Xeon under both hardware policies,
+# AVX512 (bf16 float parts) / AVX2 (ATEN_CPU_CAPABILITY=avx2: float32 float parts): gptq4 1.163 / 1.131 (rtn4
+# 1.556 / 1.556), gptq8 1.005 / 1.001, gptq4-prune-in10-act 9.88 / 9.51 (L1: 1780), prune-mlp25-act 1.78 / 1.78.
+MAX_RATIO = {"gptq4": 1.25, "gptq8": 1.01, "gptq4-prune-in10": 2.5, "gptq8-prune-in35": 2.5,
+             # act keeps the massive-activation channels that L1 removes, but 11% of every linear's inputs in
+             # whole groups of 64 still costs the 135M model most of its perplexity: the bound guards the 180x
+             # that act wins over L1, not a working model
+             "gptq4-prune-in10-act": 15.0, "prune-mlp25-act": 2.2}
+# L1 input pruning removes SmolLM2's massive-activation channels: measured ratios of 600 to 1780 (in10), 1e5 (in35)
 COLLAPSES = pytest.mark.xfail(strict=True, raises=AssertionError,  # a crash is a failure, not the collapse
                               reason="L1 input pruning destroys the 135M embedded model")
+# The least share of rtn4's perplexity loss that gptq4 must win back, (rtn4 - gptq4) / (rtn4 - base). Measured:
+# today's gptq4 (act-order and clipping) 0.707 (AVX512 policy) / 0.764 (AVX2); with both off, the earlier default,
+# 0.576 / 0.557; round-to-nearest 0 by definition. Act-order alone is not resolved here: with clipping kept and
+# act-order off, 0.688 / 0.717 (without clipping it is: see the README's GPTQ table).
+MIN_RECOVERED = 0.65
 
 
 @pytest.fixture(scope="module")
-def ids(embedded):
-    return embedded[1](PPL_TEXT.read_text(), return_tensors="pt")["input_ids"][0, :TOKENS]
-
-
-@pytest.fixture(scope="module")
-def base_ppl(embedded, ids):
-    return perplexity(embedded[0], None, ids)
+def base_ppl(embedded, eval_ids):
+    return perplexity(embedded[0], None, eval_ids)
 
 
 def test_base_perplexity_is_that_of_a_language_model(base_ppl):
@@ -35,7 +42,17 @@ def test_base_perplexity_is_that_of_a_language_model(base_ppl):
     assert 5 < base_ppl < 60
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=COLLAPSES) if "prune" in r else r for r in REFERENCE])
-def test_recipe_keeps_perplexity(compressed, ids, base_ppl, recipe):
-    ppl = perplexity(compressed(recipe), None, ids)
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=COLLAPSES) if "prune" in r else r for r in REFERENCE]
+                         + ACT_PRUNED)
+def test_recipe_keeps_perplexity(compressed, eval_ids, base_ppl, recipe):
+    ppl = perplexity(compressed(recipe), None, eval_ids)
     assert ppl <= MAX_RATIO[recipe] * base_ppl, f"{recipe}: perplexity {ppl:.2f} vs base {base_ppl:.2f}"
+
+
+def test_gptq4_wins_back_most_of_what_rtn4_loses(compressed, eval_ids, base_ppl):
+    """Fails if GPTQ is replaced by round-to-nearest (0 won back) or falls back to the earlier default without
+    act-order and clipping (see MIN_RECOVERED)."""
+    rtn, gptq = (perplexity(compressed(r), None, eval_ids) for r in ("rtn4", "gptq4"))
+    recovered = (rtn - gptq) / (rtn - base_ppl)
+    assert recovered >= MIN_RECOVERED, (f"gptq4 {gptq:.2f} wins back {recovered:.0%} of rtn4's loss "
+                                        f"({rtn:.2f} vs base {base_ppl:.2f}); at least {MIN_RECOVERED:.0%} expected")

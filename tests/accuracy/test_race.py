@@ -30,13 +30,20 @@ BOUNDS = {
     "gptq8": (0.05, 0.90),
     "gptq4-prune-in10": (0.10, 0.65),
     "gptq8-prune-in35": (0.10, 0.65),
+    "gptq4-prune-in10-act": (0.10, 0.65),
+    "prune-mlp25-act": (0.12, 0.60),  # measured 0.340 vs base 0.420, agreement 0.72
 }
 # Plain L1 input pruning removes the channels that carry SmolLM2's massive activations: measured perplexity
 # 28.9 -> 1.7e4 (in10) and 3.9e6 (in35), RACE-sample accuracy below chance. The reference study's 3B model
 # survives these recipes; the 135M one does not. Strict: if pruning improves, these start passing and say so.
 COLLAPSES = pytest.mark.xfail(strict=True, raises=AssertionError,  # a crash is a failure, not the collapse
                               reason="L1 input pruning destroys the 135M embedded model")
-RECIPES = [pytest.param(r, marks=COLLAPSES) if "prune" in r else r for r in REFERENCE]
+# Activation-aware input pruning at 4 bits keeps the model far better than L1 (perplexity 9.9x the base's against
+# 1780x, tests/accuracy/test_perplexity.py) but not well enough to read: 0.07-0.08 on the sample, below chance
+ACT_COLLAPSES = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                  reason="11% of every linear's inputs is too much for the 135M model, even by act")
+RECIPES = [pytest.param(r, marks=COLLAPSES) if "prune" in r else r for r in REFERENCE] + [
+    pytest.param("gptq4-prune-in10-act", marks=ACT_COLLAPSES), "prune-mlp25-act"]
 GATE_FLOOR = 0.50  # the reference study's floor on RACE-H for every reference recipe
 BF16_FLOOR = 0.66  # bf16 Llama-3.2-3B scored 0.690 in the reference study; 0.66 allows twice the 95% half-width
 

@@ -17,11 +17,12 @@ pytestmark = pytest.mark.unit
 
 def test_presets_of_the_reference_study():
     auto = [HeadStep("auto"), CastStep("auto")]  # quantized presets finish by the hardware policy
-    assert parse_recipe("gptq4").steps == [GPTQConfig(bits=4, group_size=128), *auto]
-    assert parse_recipe("gptq8").steps == [GPTQConfig(bits=8), *auto]
-    assert parse_recipe("gptq4-prune-in10").steps == [GPTQConfig(bits=4, group_size=128), *auto,
-                                                      PruneStep("input", 0.10)]
-    assert parse_recipe("gptq8-prune-in35").steps == [GPTQConfig(bits=8), *auto, PruneStep("input", 0.35)]
+    gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True)  # spelled out in the preset text
+    gptq8 = GPTQConfig(bits=8, act_order=True, clip=False)
+    assert parse_recipe("gptq4").steps == [gptq4, *auto]
+    assert parse_recipe("gptq8").steps == [gptq8, *auto]
+    assert parse_recipe("gptq4-prune-in10").steps == [gptq4, *auto, PruneStep("input", 0.10)]
+    assert parse_recipe("gptq8-prune-in35").steps == [gptq8, *auto, PruneStep("input", 0.35)]
     assert parse_recipe("prune-out01").steps == [PruneStep("output", 0.01)]
     assert parse_recipe("int8wo").steps == [Int8WeightOnlyConfig(), *auto]
     assert parse_recipe("bf16").steps == [CastStep("bf16")]

@@ -1,6 +1,8 @@
-"""Export a compressed model to the files other engines serve: GGUF for llama.cpp (`export.gguf`).
+"""Export a compressed model to the files other engines serve: GGUF for llama.cpp (`export.gguf`), a
+compressed-tensors model directory for vLLM (`export.compressed_tensors`).
 
     export(model, tokenizer, "gguf", "model.gguf")
+    export(model, tokenizer, "compressed-tensors", "model-dir", tp=2)
 
 Engines are leaves: each format is one module here that reads a compressed model and writes files, and nothing
 else in fastllama imports this package. Grids are a property of the quantizer, formats of the exporter: an
@@ -8,7 +10,7 @@ exporter packs the integers and scales the model holds (see `nn.grid_for`), and 
 hold exactly instead of quantizing again. Per-linear pruning (`PrunedInputLinear`, `PrunedOutputLinear`) has no
 form in a dense format: `dense_weight` writes the pruned channels back as zeros (a warning says so), while
 coupled MLP/head pruning and dropped layers are a smaller dense model already. For formats with one MLP width
-for every layer, `decoder_linears` pads narrower MLPs with zero channels to the widest (exact: silu(0)·0 = 0).
+for every layer (both), `decoder_linears` pads narrower MLPs with zero channels to the widest (exact: silu(0)·0 = 0).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..nn import PrunedInputLinear, PrunedOutputLinear, QuantLinear
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"gguf": "gguf"}  # format name -> module in this package
+FORMATS = {"gguf": "gguf", "compressed-tensors": "compressed_tensors"}  # format name -> module in this package
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")  # a Llama decoder layer's linears
 
@@ -107,7 +109,8 @@ def decoder_linears(model: nn.Module, width: int) -> Iterator[tuple[int, str, De
 
 def export(model: nn.Module, tokenizer, format: str, out: str | Path, **options) -> Path:
     """Write `model` (compressed by fastllama, or float) and its `tokenizer` to `out` in `format` (see FORMATS);
-    `options` go to the format's writer (e.g. `float_type`, `pre` for gguf). Returns the path written."""
+    `options` go to the format's writer (e.g. `float_type`, `pre` for gguf; `tp`, `check` for compressed-tensors).
+    Returns the path written."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
     module = importlib.import_module(f".{FORMATS[format]}", __name__)

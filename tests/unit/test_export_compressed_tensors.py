@@ -126,12 +126,6 @@ def test_bfloat16_scales_decompress_as_the_library_stores_them(tiny_model, tmp_p
     assert torch.equal(theirs.model.layers[1].mlp.down_proj.weight, want)
 
 
-def test_per_linear_pruning_warns_that_it_is_densified(tiny_model, tmp_path, caplog):
-    model = compress(tiny_model, "prune:input=0.25")
-    export(model, None, "compressed-tensors", tmp_path / "m")
-    assert "has no dense form" in caplog.text
-
-
 # ------------------------------------------------------------------------------------------------ refusals
 def test_kernel_4bit_grid_is_refused(tiny_model, tmp_path):
     model = compress(tiny_model, "rtn:bits=4,group=64")

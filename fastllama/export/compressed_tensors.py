@@ -1,7 +1,7 @@
 """compressed-tensors for vLLM: a Hugging Face model directory in the layout llm-compressor writes.
 
-    fastllama export --model M --recipe "gptq:bits=4,group=128,grid=sym" --format compressed-tensors --out DIR
-    vllm serve DIR --tensor-parallel-size 2
+    fastllama export --model M --recipe "gptq:bits=4,group=128,grid=sym" --format compressed-tensors --tp 2 --out DIR
+    vllm serve DIR --tensor-parallel-size 2 --dtype bfloat16
 
 Quantized linears are packed as they are, never quantized again, in compressed-tensors' `pack-quantized` format
 (the layout of compressed-tensors 0.20), weight-only and symmetric:
@@ -21,8 +21,8 @@ Dropped layers and coupled pruning are a smaller dense config already; MLPs of d
 widest (Llama's config has one `intermediate_size`) and per-linear pruning is densified (see `fastllama.export`).
 
 vLLM runs these weights on its Marlin kernel (Machete on Hopper takes groups of 128 only and hands other groups
-to Marlin). `check_vllm` refuses what Marlin cannot run at tensor-parallel size `tp` (see MARLIN_*), as well as
-head and MLP counts that `tp` does not divide.
+to Marlin). `check_vllm` lists what Marlin cannot run at tensor-parallel size `tp` (see MARLIN_*), and head and
+MLP counts that `tp` does not divide; `write` refuses them (or, with check=False, warns).
 """
 
 from __future__ import annotations

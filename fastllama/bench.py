@@ -230,7 +230,7 @@ def speed_recipe(recipe: str, lm_head: bool | None = None):
     parsed, swapped = parse_recipe(recipe), False
     for i, step in enumerate(parsed.steps):
         if isinstance(step, GPTQConfig):
-            parsed.steps[i], swapped = RTNConfig(step.bits, step.group_size, step.lm_head), True
+            parsed.steps[i], swapped = RTNConfig(step.bits, step.group_size, step.lm_head, step.grid), True
         if isinstance(parsed.steps[i], RTNConfig) and lm_head is not None:
             parsed.steps[i].lm_head = lm_head
     return parsed, swapped

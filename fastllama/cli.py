@@ -257,25 +257,34 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- export
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a (compressed) model for another engine: GGUF for llama.cpp")
+    p = sub.add_parser("export", help="write a (compressed) model for another engine: GGUF for llama.cpp, "
+                       "compressed-tensors for vLLM")
     _model_args(p)
     p.add_argument("--recipe", default=None,
-                   help="compress first, e.g. 'gptq:bits=4,group=32,grid=q4_0' (GGUF Q4_0) or 'gptq:bits=8,grid=q8_0'")
+                   help="compress first, e.g. 'gptq:bits=4,group=32,grid=q4_0' (GGUF Q4_0), 'gptq:bits=8,grid=q8_0' "
+                   "(GGUF Q8_0), 'gptq:bits=4,group=128,grid=sym' (compressed-tensors W4A16) or 'gptq:bits=8' (W8A16)")
     _calib_args(p)
-    p.add_argument("--format", required=True, choices=["gguf"], help="gguf (llama.cpp)")
+    p.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"],
+                   help="gguf (llama.cpp: a file) or compressed-tensors (vLLM: a model directory)")
     p.add_argument("--float-type", default="f16", choices=["f16", "f32"],
-                   help="GGUF type of float tensors (default f16)")
+                   help="gguf: type of float tensors (default f16)")
     p.add_argument("--pre", default=None,
-                   help="llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
-    p.add_argument("--out", required=True, help="the file to write, e.g. model.gguf")
+                   help="gguf: llama.cpp's pre-tokenizer name for the tokenizer, e.g. smollm, llama-bpe")
+    p.add_argument("--tp", type=int, default=1,
+                   help="compressed-tensors: the tensor-parallel size vLLM will serve it with, checked (default 1)")
+    p.add_argument("--no-vllm-check", dest="vllm_check", action="store_false",
+                   help="compressed-tensors: write layouts vLLM's Marlin kernel cannot run at --tp, with warnings")
+    p.add_argument("--out", required=True, help="the file (gguf) or directory (compressed-tensors) to write")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
+    options = {"gguf": dict(float_type=args.float_type, pre=args.pre),
+               "compressed-tensors": dict(tp=args.tp, check=args.vllm_check)}[args.format]
     model, tok = _load_with_recipe(args, _recipe(args))
-    path = export(model, tok, args.format, args.out, float_type=args.float_type, pre=args.pre)
+    path = export(model, tok, args.format, args.out, **options)
     print(f"wrote {path}")
 
 

@@ -8,8 +8,9 @@ GPTQ follows the reference `fasterquant`: H = 2XXᵀ/n from the calibration inpu
 `damp` times its mean diagonal, inverted through Cholesky (upper factor of H⁻¹), and the columns quantized one
 by one with their error spread over the columns not yet quantized, in lazy blocks. The grid is the kernels'
 own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
-per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="q4_0"` /
-`"q8_0"` targets GGUF's grids instead (see `nn.grid_for`), which the same kernels compute with exactly.
+per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="sym"`
+(symmetric, zero 0, for compressed-tensors) and GGUF's `"q4_0"` / `"q8_0"` target other grids instead (see
+`nn.grid_for`), which the same kernels compute with exactly; round-to-nearest takes `grid` too.
 
 With `act_order` (the default), columns are visited by decreasing Hessian diagonal but groups stay in natural
 column order (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static
@@ -51,9 +52,15 @@ class RTNConfig:
     bits: int = 4  # 4 (int4 kernel, groups) or 8 (int8 kernel, one scale per output channel)
     group_size: int = 128  # input channels per 4-bit scale/zero; per layer, the largest kernel group dividing it
     lm_head: bool = False  # also quantize the output head (untied from the embedding, which stays float)
+    grid: str = "kernel"  # kernel (the kernels' own), sym (zero 0, any group), q4_0 / q8_0 (GGUF's): nn.grid_for
 
     def __post_init__(self):
         check_quant_config(self.bits, self.group_size)
+        fits = {"kernel": True, "sym": True, "q4_0": (self.bits, self.group_size) == (4, 32), "q8_0": self.bits == 8}
+        if not fits.get(self.grid, False):
+            raise ValueError(f"grid={self.grid!r} with bits={self.bits}, group={self.group_size}; valid: kernel "
+                             "(any), sym (any: symmetric, zero 0), q4_0 (bits=4, group=32: GGUF Q4_0), q8_0 "
+                             "(bits=8: GGUF Q8_0)")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Int8WeightOnlyConfig(RTNConfig):
     """int8 weight-only: round-to-nearest, symmetric, one scale per output channel (`_weight_int8pack_mm`)."""
 
     bits: int = field(default=8, init=False)  # always 8
+    grid: str = field(default="kernel", init=False)  # the int8 kernel's own (symmetric already)
 
 
 @dataclass
@@ -70,15 +78,10 @@ class GPTQConfig(RTNConfig):
     act_order: bool = True  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
-    grid: str = "kernel"  # kernel (the int4/int8 kernels' own), q4_0 (bits=4, group=32) or q8_0 (bits=8): GGUF's
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
         super().__post_init__()
-        fits = {"kernel": True, "q4_0": (self.bits, self.group_size) == (4, 32), "q8_0": self.bits == 8}
-        if not fits.get(self.grid, False):
-            raise ValueError(f"grid={self.grid!r} with bits={self.bits}, group={self.group_size}; valid: kernel "
-                             "(any), q4_0 (bits=4, group=32: GGUF Q4_0), q8_0 (bits=8: GGUF Q8_0)")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp!r} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
 
@@ -134,7 +137,7 @@ def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
 
 
 def _rtn(linear: nn.Linear, config: RTNConfig) -> QuantLinear:
-    return QuantLinear.from_float(linear, config.bits, _group(linear, config))
+    return QuantLinear.from_float(linear, config.bits, _group(linear, config), config.grid)
 
 
 def quantize_head_(model: nn.Module, config: RTNConfig) -> nn.Module:

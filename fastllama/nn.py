@@ -293,26 +293,29 @@ def quant_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     return (w.abs().amax(-1) / 127).clamp_min(1e-8).to(SCALE_DTYPE).float(), None
 
 
-GRIDS = ("kernel", "q4_0", "q8_0")  # the grids GPTQ can target: the kernels' own, or GGUF's Q4_0 / Q8_0
+GRIDS = ("kernel", "sym", "q4_0", "q8_0")  # the grids GPTQ/RTN can target: the kernels' own, or symmetric (zero 0)
 GGUF_MIN_SCALE = 2.0 ** -14  # the smallest normal float16: a bfloat16 scale at or above it is exact in float16
 
 
 def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
     """The grid (scale, zero) of each row of `w` [..., g] for a target `grid` (see GRIDS), exact in bfloat16.
 
-    "kernel" is `quant_grid`. "q4_0" is GGUF's Q4_0 on a group of 32: Ŵ = d·(q - 8), q in 0..15, with d the
-    signed value of largest magnitude over -8 (it lands exactly on q = 0), i.e. the int4 kernel's layout with
-    zero = 0. "q8_0" is the int8 kernel's per-channel grid Ŵ = d·q, which GGUF's Q8_0 holds exactly by
-    repeating d over every block of 32. Either way |d| is rounded to bfloat16 and raised to at least
-    GGUF_MIN_SCALE, so d is exact in both bfloat16 (the kernels) and float16 (GGUF).
+    "kernel" is `quant_grid`. "sym" is symmetric, zero = 0, for any group: 4-bit Ŵ = d·(q - 8), q in 0..15, with
+    d the signed value of largest magnitude over -8 (it lands exactly on q = 0), i.e. the int4 kernel's layout
+    with zero = 0 (compressed-tensors' symmetric int4, q - 8 in -8..7); 8-bit Ŵ = d·q, d = max|w| / 127, the int8
+    kernel's per-channel grid. |d| is rounded to bfloat16 and raised to at least GGUF_MIN_SCALE, so d is exact in
+    both bfloat16 (the kernels) and float16. "q4_0" (4-bit, groups of 32) and "q8_0" (8-bit) are "sym" under
+    GGUF's names: its Q4_0 holds the 4-bit grid exactly, its Q8_0 the 8-bit one by repeating d over every block
+    of 32. Each grid reads only a row's min and max.
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
     if grid == "kernel":
         return quant_grid(w, bits)
-    if (bits, grid) not in ((4, "q4_0"), (8, "q8_0")):
-        raise ValueError(f"grid={grid} does not take bits={bits}; use bits=4 with q4_0, bits=8 with q8_0")
-    if grid == "q8_0":
+    if (bits, grid) in ((8, "q4_0"), (4, "q8_0")):
+        raise ValueError(f"grid={grid} does not take bits={bits}; use bits=4 with q4_0, bits=8 with q8_0 (or "
+                         "grid=sym with either)")
+    if bits == 8:
         d = w.abs().amax(-1) / 127
     else:
         d = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8
@@ -436,12 +439,12 @@ class QuantLinear(nn.Module):
                         torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128) -> QuantLinear:
-        """Round-to-nearest quantization of `linear` (min-max grids, see `quant_grid`)."""
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, grid: str = "kernel") -> QuantLinear:
+        """Round-to-nearest quantization of `linear` onto `grid` (see `grid_for`; "kernel": min-max grids)."""
         group_size = linear.in_features if bits == 8 else group_size
         check_quant_shape(linear.in_features, bits, group_size)
         w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)
-        scale, zero = quant_grid(w, bits)
+        scale, zero = grid_for(w, bits, grid)
         q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None])
         return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size)
 

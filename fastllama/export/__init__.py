@@ -1,19 +1,23 @@
-"""Export a compressed model to the files other engines serve: GGUF for llama.cpp (`export.gguf`).
+"""Export a compressed model to the files other engines serve: GGUF for llama.cpp (`export.gguf`), a
+compressed-tensors model directory for vLLM (`export.compressed_tensors`).
 
     export(model, tokenizer, "gguf", "model.gguf")
+    export(model, tokenizer, "compressed-tensors", "model-dir", tp=2)
 
 Engines are leaves: each format is one module here that reads a compressed model and writes files, and nothing
 else in fastllama imports this package. Grids are a property of the quantizer, formats of the exporter: an
 exporter packs the integers and scales the model holds (see `nn.grid_for`), and refuses a grid its format cannot
 hold exactly instead of quantizing again. Per-linear pruning (`PrunedInputLinear`, `PrunedOutputLinear`) has no
 form in a dense format: `dense_weight` writes the pruned channels back as zeros (a warning says so), while
-coupled MLP/head pruning and dropped layers are a smaller dense model already.
+coupled MLP/head pruning and dropped layers are a smaller dense model already. For formats with one MLP width
+for every layer (both), `decoder_linears` pads narrower MLPs with zero channels to the widest (exact: silu(0)·0 = 0).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +28,9 @@ from ..nn import PrunedInputLinear, PrunedOutputLinear, QuantLinear
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"gguf": "gguf"}  # format name -> module in this package
+FORMATS = {"gguf": "gguf", "compressed-tensors": "compressed_tensors"}  # format name -> module in this package
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")  # a Llama decoder layer's linears
 
 
 @dataclass
@@ -81,9 +87,30 @@ def _scatter(t: Tensor, dim: int, index: Tensor, size: int, fill: float = 0) -> 
     return t.new_full(shape, fill).index_copy(dim, index.to(t.device), t)
 
 
+def mlp_width(model: nn.Module) -> int:
+    """The widest MLP (intermediate channels) of the decoder; a warning says when the layers' widths differ."""
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    if len(set(widths)) > 1:
+        log.warning("MLP widths differ per layer (%d..%d): padded to %d with zero channels (exact: silu(0)·0 = 0)",
+                    min(widths), max(widths), max(widths))
+    return max(widths)
+
+
+def decoder_linears(model: nn.Module, width: int) -> Iterator[tuple[int, str, DenseWeight]]:
+    """(layer index, leaf in LINEARS, dense weight) of every decoder linear, MLPs padded to `width` channels."""
+    for i, layer in enumerate(model.model.layers):
+        for leaf in LINEARS:
+            w = dense_weight(layer.get_submodule(leaf), f"layers.{i}.{leaf}")
+            narrow = layer.mlp.down_proj.in_features
+            if leaf.startswith("mlp.") and narrow < width:  # gate/up rows, down columns
+                w = widen(w, int(leaf == "mlp.down_proj"), torch.arange(narrow), width)
+            yield i, leaf, w
+
+
 def export(model: nn.Module, tokenizer, format: str, out: str | Path, **options) -> Path:
     """Write `model` (compressed by fastllama, or float) and its `tokenizer` to `out` in `format` (see FORMATS);
-    `options` go to the format's writer (e.g. `float_type`, `pre` for gguf). Returns the path written."""
+    `options` go to the format's writer (e.g. `float_type`, `pre` for gguf; `tp`, `check` for compressed-tensors).
+    Returns the path written."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
     module = importlib.import_module(f".{FORMATS[format]}", __name__)

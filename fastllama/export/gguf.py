@@ -28,13 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import DenseWeight, dense_weight, widen
+from . import DenseWeight, decoder_linears, dense_weight, mlp_width
 
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("f16", "f32")  # how float tensors of 2 or more dimensions are written (norms are always F32)
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
 BLOCK = 32  # input channels per Q4_0 / Q8_0 block
 
 
@@ -138,17 +136,14 @@ def write(model: nn.Module, tokenizer, out: Path, float_type: str = "f16", pre: 
         raise ValueError(f"rope_type={rope['rope_type']!r}: only the default rotary embedding is exported to GGUF "
                          "here (llama3 frequency scaling needs a rope_freqs tensor, not written yet)")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    widths = [layer.mlp.down_proj.in_features for layer in layers]
-    if len(set(widths)) > 1:  # llama.cpp (0.3.36) reads per-layer widths but shapes every layer's MLP as layer 0's
-        log.warning("MLP widths differ per layer (%d..%d): padded to %d with zero channels (exact: silu(0)·0 = 0)",
-                    min(widths), max(widths), max(widths))
+    width = mlp_width(model)  # llama.cpp (0.3.36) reads per-layer widths but shapes every layer's MLP as layer 0's
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name(str(getattr(cfg, "_name_or_path", "") or "fastllama export"))
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(len(layers))
-    writer.add_feed_forward_length(max(widths))
+    writer.add_feed_forward_length(width)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_key_length(head_dim)
@@ -171,13 +166,9 @@ def write(model: nn.Module, tokenizer, out: Path, float_type: str = "f16", pre: 
         for norm in ("input_layernorm", "post_attention_layernorm"):
             weight = layer.get_submodule(norm).weight.detach().float().numpy()
             writer.add_tensor(gguf_name(f"model.layers.{i}.{norm}") + ".weight", weight)
-        for leaf in LINEARS:
-            name = gguf_name(f"model.layers.{i}.{leaf}")
-            w = dense_weight(layer.get_submodule(leaf), f"layers.{i}.{leaf}")
-            if leaf.startswith("mlp.") and widths[i] < max(widths):  # gate/up rows, down columns
-                w = widen(w, int(leaf == "mlp.down_proj"), torch.arange(widths[i]), max(widths))
-            qtype = _add_linear(writer, name, w, float_type, rows.get(leaf))
-            types[qtype] = types.get(qtype, 0) + 1
+    for i, leaf, w in decoder_linears(model, width):
+        qtype = _add_linear(writer, gguf_name(f"model.layers.{i}.{leaf}"), w, float_type, rows.get(leaf))
+        types[qtype] = types.get(qtype, 0) + 1
     head = model.get_output_embeddings()
     if not (isinstance(head, nn.Linear) and head.weight is model.get_input_embeddings().weight):
         _add_linear(writer, "output", dense_weight(head, "lm_head"), float_type, None)

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastllama.gptq import (CLIP_SHRINKS, GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer,
                             clip_grid, gptq_quantize, hessian, quantize_)
-from fastllama.nn import QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values
+from fastllama.nn import GGUF_MIN_SCALE, QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values
 
 pytestmark = pytest.mark.unit
 
@@ -292,3 +292,21 @@ def test_gptq_without_calibration_is_a_clear_error(tiny_model, bad):
 def test_unknown_config_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match="valid: GPTQConfig, RTNConfig, Int8WeightOnlyConfig"):
         quantize_(tiny_model, {"bits": 4})
+
+
+@pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=64, grid="sym"), RTNConfig(bits=8, grid="sym"),
+                                    GPTQConfig(bits=4, group_size=64, grid="sym")])
+def test_rtn_and_gptq_take_the_sym_grid(tiny_model, config):
+    """Every linear on the symmetric grid: zero 0, scales exact in float16 (at or above its smallest normal)."""
+    quantize_(tiny_model, config, torch.randint(0, 512, (4, 64)))
+    linears = [m for m in tiny_model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 14
+    for m in linears:
+        q, scales, zeros = m.values()
+        assert zeros is None or not zeros.any()
+        assert (scales.abs() >= GGUF_MIN_SCALE).all() and torch.equal(scales.half().float(), scales)
+
+
+def test_an_unknown_grid_is_refused():
+    with pytest.raises(ValueError, match="sym .any"):
+        RTNConfig(bits=4, grid="asym")

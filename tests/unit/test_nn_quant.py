@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastllama.nn
-from fastllama.nn import INT4_GROUPS, QuantLinear, from_spec, int4_group_for, to_spec
+from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, QuantLinear, from_spec, grid_for, int4_group_for,
+                          quantize_values, to_spec)
 
 pytestmark = pytest.mark.unit
 
@@ -90,6 +91,23 @@ def test_holds_only_integers_and_scales(bits):
     nbytes = sum(b.numel() * b.element_size() for b in q.buffers())
     float_bytes = linear.weight.numel() * 4
     assert nbytes < float_bytes * (0.16 if bits == 4 else 0.27)
+
+
+@pytest.mark.parametrize("group", INT4_GROUPS)
+def test_sym_grid_is_exact_for_the_int4_kernel_at_any_group(group):
+    """The symmetric grid (zero 0, the largest magnitude on q = 0 unless the scale is raised to float16's floor)
+    survives the int4 kernel's packing at every group it takes, scales exact in bfloat16 and float16, negative
+    ones included."""
+    w = torch.randn(32, 256) * torch.logspace(-6, 1, 32)[:, None]  # scales from below the fp16 normals to large
+    d, zero = grid_for(w.view(32, -1, group), 4, "sym")
+    assert torch.equal(d.bfloat16().float(), d) and torch.equal(d.half().float(), d)
+    assert (d.abs() >= GGUF_MIN_SCALE).all()
+    q = quantize_values(w.view(32, -1, group), d[..., None], zero[..., None]).flatten(1)
+    top = w.view(32, -1, group).abs().argmax(-1, keepdim=True)
+    free = d.abs() > GGUF_MIN_SCALE  # not raised to the float16 floor: the largest magnitude sits on q = 0
+    assert free.any() and (q.view(32, -1, group).gather(-1, top).squeeze(-1)[free] == 0).all()
+    q2, d2, zero2 = QuantLinear.from_values(q, d, zero, None, 4, group).values()
+    assert torch.equal(q2, q.int()) and torch.equal(d2, d) and not zero2.any() and (d < 0).any()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -71,8 +71,10 @@ def test_steps_with_keys_and_presets_combined():
 
 steps = st.one_of(
     st.builds(GPTQConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
-              act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans()),
-    st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans()),
+              act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans(),
+              grid=st.sampled_from(["kernel", "sym"])),
+    st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans(),
+              grid=st.sampled_from(["kernel", "sym"])),
     st.builds(Int8WeightOnlyConfig, lm_head=st.booleans()),
     st.builds(PruneStep, dim=st.sampled_from(["input", "output", "mlp", "heads"]), amount=st.floats(0, 0.99),
               importance=st.sampled_from(["l1", "act"])),

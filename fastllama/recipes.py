@@ -52,6 +52,8 @@ PRESETS = {  # the reference study's recipes, and a few more
     "rtn4": f"rtn:bits=4,group=128 + {AUTO}",
     "rtn8": f"rtn:bits=8 + {AUTO}",
     "prune-mlp25": "prune:mlp=0.25",
+    # the layer-pruning study's dropping; `drop4+int8wo` (these two presets joined) adds its int8 weight-only
+    "drop4": "drop:layers=4",
 }
 
 

@@ -156,6 +156,37 @@ def test_compress_gptq8_then_drop(tiny_model):
     assert all(type(m) is not nn.Linear for m in tiny_model.model.layers.modules())
 
 
+def test_drop4_int8wo_drops_the_closest_block_then_quantizes_the_rest(tiny_model):
+    """The layer-pruning study's recipe: the 4 layers dropping removes are those of the float model, and every
+    linear left is int8 weight-only on its float weight (within half a step), the head by the policy (int8 on a
+    CPU, float on a GPU), the float parts in the policy's dtype."""
+    from fastllama.drop import angular_distances
+    from fastllama.hardware import policy
+    from transformers import LlamaForCausalLM
+
+    assert parse_recipe("drop4+int8wo").steps == [DropStep(4), Int8WeightOnlyConfig(), HeadStep("auto"),
+                                                  CastStep("auto")]
+    config = tiny_model.config
+    config.num_hidden_layers = 6
+    model = LlamaForCausalLM(config).eval()
+    calib = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    start = int(angular_distances(model, calib, 4).argmin())
+    kept = [layer for i, layer in enumerate(model.model.layers) if not start <= i < start + 4]
+    floats = [{n: m.weight.detach().clone() for n, m in layer.named_modules() if type(m) is nn.Linear}
+              for layer in kept]
+    compress(model, "drop4+int8wo", calib)
+    assert list(model.model.layers) == kept and model.config.num_hidden_layers == 2
+    for layer, weights in zip(model.model.layers, floats):
+        for name, w in weights.items():
+            q = layer.get_submodule(name)
+            assert isinstance(q, QuantLinear) and q.bits == 8
+            assert ((q.dequantize() - w).abs() <= q.values()[1] / 2 * (1 + 2 ** -7)).all()  # half a bf16 step
+    rule = policy(torch.device("cpu"))
+    assert isinstance(model.lm_head, QuantLinear) == (rule.head_bits is not None)
+    assert model.model.embed_tokens.weight.dtype == getattr(torch, rule.float_dtype)
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8))).logits).all()
+
+
 def test_cast_step(tiny_model):
     compress(tiny_model, "bf16")
     assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -7,8 +7,9 @@
 GPTQ follows the reference `fasterquant`: H = 2XXᵀ/n from the calibration inputs of each linear, dampened by
 `damp` times its mean diagonal, inverted through Cholesky (upper factor of H⁻¹), and the columns quantized one
 by one with their error spread over the columns not yet quantized, in lazy blocks. The grid is the kernels'
-own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
-per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="q4_0"` /
+own (see `nn.quant_grid`): 2-, 3- and 4-bit asymmetric min-max per group of input channels (all three on the int4
+kernel, see `nn.int_range`), 8-bit symmetric with one scale per output channel; so the weights GPTQ settles on are
+exactly the kernel's integers and scales. `grid="q4_0"` /
 `"q8_0"` targets GGUF's grids instead (see `nn.grid_for`), which the same kernels compute with exactly.
 
 With `act_order`, columns are visited by decreasing Hessian diagonal but groups stay in natural column order
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class RTNConfig:
     """Round-to-nearest onto the kernels' grid."""
 
-    bits: int = 4  # 4 (int4 kernel, groups) or 8 (int8 kernel, one scale per output channel)
+    bits: int = 4  # 2, 3, 4 (int4 kernel, groups; see nn.int_range) or 8 (int8 kernel, one scale per output channel)
     group_size: int = 128  # input channels per 4-bit scale/zero; per layer, the largest kernel group dividing it
     lm_head: bool = False  # also quantize the output head (untied from the embedding, which stays float)
 
@@ -99,7 +100,7 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
                 setattr(parent, name, _rtn(linear, config))
         if config.lm_head:
             quantize_head_(model, config)
-    if config.bits == 4:
+    if config.bits != 8:
         _log_group_fallbacks(model, config)
     log.info("quantized to %d bits (%s) in %.1f s", config.bits, type(config).__name__, time.perf_counter() - start)
     return model
@@ -120,7 +121,7 @@ def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
     """Say once per width which linears got a smaller group than asked (it is recorded in their spec)."""
     fallbacks: dict[tuple[int, int], int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.bits == 4 and m.group_size != config.group_size:
+        if isinstance(m, QuantLinear) and m.bits != 8 and m.group_size != config.group_size:
             fallbacks[m.in_features, m.group_size] = fallbacks.get((m.in_features, m.group_size), 0) + 1
     for (in_features, group), count in fallbacks.items():
         log.info("in_features=%d is not divisible by group_size=%d: used group_size=%d (%d linears)", in_features,
@@ -177,7 +178,7 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     W[:, dead] = 0
     ngroups = cols // group_size
     scales = torch.zeros(out, ngroups, device=W.device)
-    zeros = torch.zeros(out, ngroups, device=W.device) if bits == 4 else None
+    zeros = torch.zeros(out, ngroups, device=W.device) if bits != 8 else None
 
     def set_grid(g: int, w: Tensor) -> None:
         scales[:, g], zero = grid_for(w, bits, grid)
@@ -193,18 +194,18 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
-    block_size = max(block_size, group_size) if bits == 4 else block_size  # a lazy group then lies in one block
+    block_size = max(block_size, group_size) if bits != 8 else block_size  # a lazy group then lies in one block
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
-            if not act_order and bits == 4 and col % group_size == 0:
+            if not act_order and bits != 8 and col % group_size == 0:
                 set_grid(col // group_size, W1[:, i:i + group_size])
             g = col // group_size
             zero = None if zeros is None else zeros[:, g]
-            q = quantize_values(W1[:, i], scales[:, g], zero)
+            q = quantize_values(W1[:, i], scales[:, g], zero, bits)
             Q[:, i1 + i] = q
             err = (W1[:, i] - dequantize_values(q, scales[:, g], zero)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

@@ -29,7 +29,7 @@ def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     w = weight.reshape(weight.shape[0], -1, group)
     scale, zero = quant_grid(w, bits)
     zero = None if zero is None else zero[..., None]
-    return dequantize_values(quantize_values(w, scale[..., None], zero), scale[..., None], zero).flatten(1)
+    return dequantize_values(quantize_values(w, scale[..., None], zero, bits), scale[..., None], zero).flatten(1)
 
 
 def reconstruction(weight, q, scales, zeros, group, x) -> float:
@@ -115,7 +115,7 @@ def test_group_falls_back_to_one_dividing_in_features(caplog):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bits=3), "bits=3 is not supported; valid: 4"),
+    (dict(bits=5), "bits=5 is not supported; valid: 2, 3, 4"),
     (dict(bits=4, group_size=100), "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     (dict(damp=0.0), "damp=0.0 must lie in"),
 ])
@@ -139,3 +139,28 @@ def test_gptq_without_calibration_is_a_clear_error(tiny_model, bad):
 def test_unknown_config_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match="valid: GPTQConfig, RTNConfig, Int8WeightOnlyConfig"):
         quantize_(tiny_model, {"bits": 4})
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_below_4_bits_stays_within_its_levels_and_beats_rtn(bits, act_order):
+    """At 2 and 3 bits GPTQ rounds onto the 2^bits levels around 8 of the int4 kernel's grid (6..9, 4..11) and, on
+    correlated inputs, reconstructs the layer's outputs better than round-to-nearest on the same groups."""
+    features, group, out = 128, 32, 32
+    for seed in range(4):
+        torch.manual_seed(seed)
+        weight = torch.randn(out, features) / features ** 0.5
+        x = correlated_inputs(4 * features, features, seed)
+        H = 2 * x.T @ x / len(x)
+        q, scales, zeros = gptq_quantize(weight, H, bits, group, act_order=act_order)
+        lo, hi = {2: (6, 9), 3: (4, 11)}[bits]
+        assert q.min() >= lo and q.max() <= hi
+        gptq_err = reconstruction(weight, q, scales, zeros, group, x)
+        assert gptq_err < torch.linalg.norm(x @ (weight - rtn(weight, bits, group)).T).item()
+
+
+def test_gptq3_on_a_model_holds_3_bit_linears(tiny_model):
+    quantize_(tiny_model, GPTQConfig(bits=3, group_size=32), calib())
+    swapped = [m for m in tiny_model.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(swapped) == 7 * len(tiny_model.model.layers) and all(m.bits == 3 for m in swapped)
+    assert all(4 <= m.values()[0].min() and m.values()[0].max() <= 11 for m in swapped)

@@ -69,7 +69,7 @@ def test_steps_with_keys_and_presets_combined():
 
 
 steps = st.one_of(
-    st.builds(GPTQConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
+    st.builds(GPTQConfig, bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
               act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans()),
     st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans()),
     st.builds(Int8WeightOnlyConfig, lm_head=st.booleans()),
@@ -97,7 +97,7 @@ def test_text_round_trips(step_list):
 @pytest.mark.parametrize("text, message", [
     ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast; "
               "presets: bf16, fp32, base, gptq4"),
-    ("gptq:bits=3", "bits=3 is not supported; valid: 4"),
+    ("gptq:bits=5", "bits=5 is not supported; valid: 2, 3, 4"),
     ("gptq:group=100", "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     ("gptq:bitz=4", "bad gptq argument 'bitz=4'; valid keys: bits=, group=, act_order=, damp=, lm_head="),
     ("gptq:bits", "bad gptq argument 'bits'"),
@@ -117,6 +117,13 @@ def test_text_round_trips(step_list):
 def test_bad_recipes_are_clear_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_recipe(text)
+
+
+def test_presets_below_4_bits_use_small_groups():
+    auto = [HeadStep("auto"), CastStep("auto")]
+    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64), *auto]
+    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32), *auto]
+    assert parse_recipe("rtn:bits=2,group=256").steps == [RTNConfig(bits=2, group_size=256)]
 
 
 def test_every_preset_parses():

@@ -159,16 +159,21 @@ def _calib(args: argparse.Namespace, model, tok):
 
 
 def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float,
-                     calib_source: str | None = None) -> None:
-    """Print the size before (GB, `bench.model_gb`) -> after, and save the model to --out when given."""
+                     calib_source: str | None = None, at_load=None) -> None:
+    """Save the model to --out when given (with the `at_load` steps a checkpoint applies when loaded, see
+    `Recipe.split_at_load`), and print the size before (GB, `bench.model_gb`) -> after, those steps applied."""
     from .bench import model_gb
+    from .recipes import compress
 
-    after = model_gb(model)
-    print(f"{recipe}: {before * 1e3:.1f} MB -> {after * 1e3:.1f} MB ({after / before:.1%})")
     if args.out:
         from .checkpoint import save
 
-        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source)
+        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source, at_load=at_load)
+    if at_load is not None:
+        compress(model, at_load)
+    after = model_gb(model)
+    print(f"{recipe}: {before * 1e3:.1f} MB -> {after * 1e3:.1f} MB ({after / before:.1%})")
+    if args.out:
         print(f"saved to {args.out}")
 
 
@@ -250,9 +255,10 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         calib, source = _calib(args, model, tok)  # the text given, C4, or samples of the model
         print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     before, start = model_gb(model), time.perf_counter()
-    compress(model, recipe, calib, tok)
+    body, at_load = recipe.split_at_load()  # a bnb step is saved to apply at load, as bitsandbytes quantizes
+    compress(model, body, calib, tok)
     print(f"compressed in {time.perf_counter() - start:.1f} s")
-    _save_compressed(args, model, tok, str(recipe), before, source)
+    _save_compressed(args, model, tok, str(recipe), before, source, at_load)
 
 
 # ---------------------------------------------------------------- export

@@ -11,6 +11,8 @@ A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset 
     drop:layers=4                                                   drop the 4 most redundant layers (calibration)
     head:bits=8                                                     round-to-nearest of the output head alone
     cast:dtype=bf16                                                 cast the float weights (bf16, fp16, fp32)
+    bnb:type=int8                                                   bitsandbytes' int8 or nf4, as transformers'
+                                                                    BitsAndBytesConfig loads (the last step; peers)
 
 `auto` (in `head:bits=auto` and `cast:dtype=auto`) is decided by `fastllama.hardware.policy` for the device the
 model is on when it is compressed: on a GPU the head stays float and float parts are bf16; on a CPU the head is
@@ -19,6 +21,8 @@ int8 and float parts are bf16 where the CPU computes bf16 natively, else float32
 Quantize-then-prune is one recipe, e.g. `gptq:bits=4,group=128 + prune:input=0.10`: the pruned linears stay
 quantized (see fastllama.nn). Omitted keys take their defaults; presets (PRESETS) may be combined with steps.
 GPTQ and round-to-nearest take bits=2, 3 or 4 (groups, on the int4 kernel: see fastllama.nn.int_range) or 8.
+bitsandbytes quantizes at load, as transformers does: a checkpoint holds the model before a `bnb` step and applies
+the step when loaded (see `Recipe.split_at_load`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ PRESETS = {  # the reference study's recipes, and a few more
     "prune-mlp25": "prune:mlp=0.25",
     # the layer-pruning study's dropping; `drop4+int8wo` (these two presets joined) adds its int8 weight-only
     "drop4": "drop:layers=4",
+    # the peers a user would pick instead (the optional extra): bitsandbytes as transformers loads it, the float
+    # parts in the policy's dtype and the head float, as transformers keeps it
+    "bnb8": "cast:dtype=auto + bnb:type=int8",
+    "nf4": "cast:dtype=auto + bnb:type=nf4",
 }
 
 
@@ -115,6 +123,20 @@ class HeadStep:
             raise ValueError(f"head:bits={self.bits!r}; valid: 4, 8, none, auto")
 
 
+@dataclass
+class BnbStep:
+    """bitsandbytes' quantization of the decoder's linears, as transformers' BitsAndBytesConfig loads a model
+    (fastllama.peers.bnb_quantize_); the recipe's last step, as its linears are bitsandbytes' own."""
+
+    type: str = "int8"  # int8 (LLM.int8(), load_in_8bit) or nf4 (load_in_4bit, bnb_4bit_quant_type="nf4")
+
+    def __post_init__(self):
+        from .peers import BNB_TYPES
+
+        if self.type not in BNB_TYPES:
+            raise ValueError(f"bnb:type={self.type!r}; valid: {', '.join(BNB_TYPES)}")
+
+
 # step name -> (dataclass, {recipe key: field}); prune's amount is keyed by its dim (prune:input=0.1)
 STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "gptq": (GPTQConfig, {"bits": "bits", "group": "group_size", "act_order": "act_order", "damp": "damp",
@@ -125,15 +147,21 @@ STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "drop": (DropStep, {"layers": "layers"}),
     "head": (HeadStep, {"bits": "bits"}),
     "cast": (CastStep, {"dtype": "dtype"}),
+    "bnb": (BnbStep, {"type": "type"}),
 }
-Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep
+Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep | BnbStep
 
 
 @dataclass
 class Recipe:
     """Steps applied in order by `compress`; `str()` gives the full recipe text, which parses back to it."""
 
-    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep
+    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep, BnbStep (last)
+
+    def __post_init__(self):
+        if any(isinstance(s, BnbStep) for s in self.steps[:-1]):
+            raise ValueError(f"{self}: a bnb step must come last (its linears are bitsandbytes' own, which no other "
+                             "step takes); move it to the end")
 
     @property
     def needs_calibration(self) -> bool:
@@ -143,6 +171,12 @@ class Recipe:
 
     def __str__(self) -> str:
         return " + ".join(_format_step(s) for s in self.steps)
+
+    def split_at_load(self) -> tuple[Recipe, Recipe]:
+        """(the steps a checkpoint holds the result of, the steps it applies when loaded): a trailing bnb step is
+        applied at load, as transformers quantizes with bitsandbytes when it loads a model (see checkpoint.save)."""
+        cut = len(self.steps) - bool(self.steps and isinstance(self.steps[-1], BnbStep))
+        return Recipe(self.steps[:cut]), Recipe(self.steps[cut:])
 
 
 def _parse_value(text: str, kind: str, where: str):
@@ -230,6 +264,10 @@ def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None
             prune_model(model, step.amount, step.dim, step.importance, calib)
         elif isinstance(step, DropStep):
             drop_layers(model, step.layers, calib)
+        elif isinstance(step, BnbStep):
+            from .peers import bnb_quantize_
+
+            bnb_quantize_(model, step.type)
         elif isinstance(step, HeadStep):
             bits = policy(_device(model)).head_bits if step.bits == "auto" else step.bits
             if bits not in (None, "none") and type(model.lm_head) is nn.Linear:  # a quantized head stays as it is

@@ -336,7 +336,7 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
             model = load(built[str(Recipe(recipe.steps[:prefix]))], device=device)[0]
         else:
             model = copy.deepcopy(base)
-        rest = Recipe(recipe.steps[prefix:])
+        rest, at_load = Recipe(recipe.steps[prefix:]).split_at_load()  # a bnb step applies at load
         source = read_meta(built[str(Recipe(recipe.steps[:prefix]))]).get("calibration") if prefix else None
         if rest.needs_calibration:
             if calib is None:
@@ -346,7 +346,7 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
         t0 = time.perf_counter()
         model = compress(model, rest, calib=calib, tokenizer=tok)
         log.info("%s: compressed in %.1f s", name, time.perf_counter() - t0)
-        save(model, folders[name], tokenizer=tok, recipe=str(recipe), calibration=source)
+        save(model, folders[name], tokenizer=tok, recipe=str(recipe), calibration=source, at_load=at_load)
         built[str(recipe)] = folders[name]
         del model
     return folders
@@ -450,6 +450,11 @@ def _notes(rows: list[Row], meta: dict) -> None:
         notes.append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
     notes.append("peak memory: " + ("torch.cuda.max_memory_allocated during decode" if device.startswith("cuda") else
                                     "peak RSS while decoding (reset after loading), in a fresh process per recipe"))
+    plain = [r.recipe for r in rows if r.extra.get("path") == "plain generate"]
+    if plain:
+        notes.append(f"decode path: {', '.join(plain)} decoded on plain transformers generate, as their users run "
+                     "them (bitsandbytes' layers are not on fastllama's fast path); every other recipe on fastllama's "
+                     "fast path")
     if any(collapsed(r.ppl, rows[0].ppl) for r in rows):
         notes.append(f"perplexity (collapsed): over {COLLAPSED:g}× the base's ({rows[0].ppl:.2f}); the recipe has "
                      "lost the model's language ability, whatever its RACE accuracy")

@@ -13,7 +13,7 @@ from fastllama.checkpoint import META_FILE, WEIGHTS_FILE, load, save
 from fastllama.gptq import RTNConfig, quantize_
 from fastllama.models import load_model
 from fastllama.nn import QuantLinear
-from fastllama.recipes import compress
+from fastllama.recipes import compress, parse_recipe
 
 pytestmark = pytest.mark.unit
 
@@ -71,6 +71,29 @@ def test_2_and_3_bit_weights_are_stored_at_their_width(tiny_model, tmp_path):
     assert sizes[2] < sizes[3] < sizes[4]
     for bits in (2, 3):  # the safetensors headers differ only in a few digits of shapes and offsets
         assert abs(sizes[4] - sizes[bits] - weights * (4 - bits) // 8) < 1024
+
+
+def test_steps_saved_at_load_are_applied_when_loading(tiny_model, tmp_path):
+    """A checkpoint holds the model before its `at_load` steps (a bnb step: bitsandbytes quantizes at load) and
+    applies them when loaded; `Recipe.split_at_load` splits a recipe so."""
+    body, at_load = parse_recipe("rtn:bits=4,group=32 + bnb:type=nf4").split_at_load()
+    assert str(body) == "rtn:bits=4,group=32,lm_head=false" and str(at_load) == "bnb:type=nf4"
+    assert parse_recipe("gptq4").split_at_load()[1].steps == []
+    save(tiny_model, tmp_path, recipe="int8wo:lm_head=false", at_load="int8wo:lm_head=false")  # any steps apply
+    assert json.loads((tmp_path / META_FILE).read_text())["at_load"] == "int8wo:lm_head=false"
+    model, _ = load(tmp_path)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert torch.equal(logits(model), logits(compress(tiny_model, "int8wo:lm_head=false")))
+
+
+def test_a_linear_of_another_library_is_not_saved(tiny_model, tmp_path):
+    class ForeignLinear(torch.nn.Linear):  # as bitsandbytes' layers subclass nn.Linear
+        pass
+
+    tiny_model.model.layers[0].mlp.up_proj = ForeignLinear(128, 256, bias=False)
+    with pytest.raises(ValueError, match="cannot save model.layers.0.mlp.up_proj, a ForeignLinear: bitsandbytes "
+                                         "quantizes at load, so save the model before its bnb step"):
+        save(tiny_model, tmp_path)
 
 
 def test_the_model_spec_of_a_saved_directory_loads_it(tiny_model, tmp_path):

@@ -274,6 +274,22 @@ def test_report_end_to_end_on_tiny_caches_models_and_resumes(tmp_path):
     assert [p for p in cached if p.stat().st_mtime_ns != cached[p]] == [meta_file.parent / "model.safetensors"]
 
 
+def test_bitsandbytes_rows_are_measured_on_plain_generate(tmp_path):
+    """The peers' rows: cached as the model before bitsandbytes, which quantizes when each row's process loads it;
+    decoded on plain generate, said in a note; smaller than bf16 (int8 and NF4 decoder weights)."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes: pip install -e '.[peers]'")
+    from fastllama.checkpoint import read_meta
+
+    cfg = ReportConfig(model="random:tiny", recipes=("bf16", "bnb8", "nf4"), out=tmp_path, prompt_len=8,
+                       new_tokens=4, device="cpu")
+    rows, meta = run_report(cfg)
+    assert [r.extra["path"] for r in rows] == ["fast", "plain generate", "plain generate"]
+    assert all(r.tokens_per_s > 0 for r in rows) and rows[0].model_gb > rows[1].model_gb > rows[2].model_gb
+    assert read_meta(tmp_path / "models" / "nf4")["at_load"] == "bnb:type=nf4"
+    assert ("decode path: bnb8, nf4 decoded on plain transformers generate, as their users run them (bitsandbytes' "
+            "layers are not on fastllama's fast path)") in (tmp_path / "results.md").read_text()
+
+
 def test_calibration_source_is_read_from_the_checkpoints(tmp_path):
     folders = {}
     for name, source in (("gptq4", "C4"), ("gptq8", "C4"), ("gptq4-prune-in10", None)):

@@ -287,11 +287,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="RACE accuracy or perplexity of a model, optionally compressed by a recipe first")
+    p = sub.add_parser("eval", help="RACE accuracy, perplexity or lm-eval tasks of a model, optionally compressed by a "
+                                    "recipe first")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     race = tasks.add_parser("race", help="RACE reading-comprehension accuracy with its 95%% Wilson interval")
     ppl = tasks.add_parser("ppl", help="perplexity over a text file, in strided windows")
-    for q in (race, ppl):
+    harness = tasks.add_parser("lm-eval", help="lm-evaluation-harness's own tasks (piqa, gsm8k, race, ...) through its "
+                                               "HF model interface (the eval extra)")
+    for q in (race, ppl, harness):
         _model_args(q)
         q.add_argument("--recipe", default=None, help="compress with this recipe before evaluating (e.g. gptq4)")
         _calib_args(q)
@@ -303,7 +306,18 @@ def _add_eval(sub) -> None:
     race.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded subset of N questions")
     race.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     race.add_argument("--json", default=None, help="write the result (and per-question records) to this JSON file")
+    race.add_argument("--cross-check", type=int, default=None, metavar="ARTICLES",
+                      help="instead, compare lm-eval mode with lm-eval's own race task on the first ARTICLES articles "
+                           "of --data (each one's last question): agreements and log-likelihood differences")
     race.set_defaults(func=_cmd_eval_race)
+    harness.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. piqa,gsm8k,race")
+    harness.add_argument("--limit", type=int, default=None, help="at most N documents per task (lm-eval's --limit)")
+    harness.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
+                         help="read TASK's splits from DIR (<split>.jsonl in the task's own format, e.g. "
+                              "piqa=DIR/validation.jsonl) instead of the hub; repeatable")
+    harness.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default 8)")
+    harness.add_argument("--json", default=None, help="write lm-eval's results JSON to this file")
+    harness.set_defaults(func=_cmd_eval_lm_eval)
     ppl.add_argument("--text-file", default=None, help="text to score (default: the shipped fastllama/data/ppl.txt)")
     ppl.add_argument("--window", type=int, default=512, help="tokens the model sees per step (default 512)")
     ppl.add_argument("--stride", type=int, default=256, help="new tokens scored per step (default 256)")
@@ -335,6 +349,17 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_race
 
     model, tok = _load_with_recipe(args, _recipe(args))
+    if args.cross_check is not None:
+        from .evaluate import race_cross_check
+
+        check = race_cross_check(model, tok, args.data, args.cross_check, args.batch_size)
+        print(f"lm-eval race cross-check, {args.model}{' + ' + args.recipe if args.recipe else ''}: "
+              f"{check['agreements']} of {check['articles']} articles chose the same option; largest "
+              f"log-likelihood difference {check['max_loglik_diff']:.2g}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "recipe": args.recipe, "data": args.data, **check}, f, indent=2)
+        return
     start = time.perf_counter()
     result = evaluate_race(model, tok, args.data, mode=args.mode, limit=args.limit, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
@@ -344,6 +369,27 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "recipe": args.recipe, "data": args.data, **result.summary(),
                        "seconds": round(seconds, 1), "records": result.records}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _cmd_eval_lm_eval(args: argparse.Namespace) -> None:
+    from .evaluate import lm_eval_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [d for d in args.data if "=" not in d]
+    if bad:
+        raise ValueError(f"--data {bad[0]!r} is not TASK=DIR; e.g. --data piqa=piqa-dir")
+    data = dict(d.split("=", 1) for d in args.data)
+    model, tok = _load_with_recipe(args, _recipe(args))
+    out = lm_eval_tasks(model, tok, tasks, limit=args.limit, data=data, batch_size=args.batch_size)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(out))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=handle_non_serializable)
         print(f"wrote {args.json}")
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import train_tokenizer
 
 from fastllama.data import load_race
 from fastllama.evaluate import LM_EVAL_RACE_VERSION, _encode, evaluate_race, lm_eval_prompt
@@ -32,20 +33,7 @@ LOGLIK_TOL = 1e-4
 
 def _tokenizer(bos: bool):
     """A 400-token byte-level BPE trained on the test file; with `bos`, every encoding starts with <s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [t for row in ROWS for t in (row["article"], row["question"], *row["options"])]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return train_tokenizer([t for row in ROWS for t in (row["article"], row["question"], *row["options"])], bos)
 
 
 def _lm_eval_requests(tmp_path: Path):

@@ -83,7 +83,25 @@ def _add_report(sub) -> None:
     p.add_argument("--floor", type=float, default=0.50, help="accuracy floor drawn on the plot (default 0.50)")
     p.add_argument("--out", default="fastllama-report", help="output folder (default fastllama-report)")
     p.add_argument("--force", action="store_true", help="rebuild cached models and overwrite another model's folder")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks measured for each recipe too, comma-separated, e.g. "
+                                                 "piqa (the eval extra; see `fastllama eval lm-eval`)")
+    _task_data_arg(p)
+    p.add_argument("--task-limit", type=int, default=None, help="at most N documents per lm-eval task")
     p.set_defaults(func=_cmd_report)
+
+
+def _task_data_arg(p) -> None:
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                   help="read TASK's splits from DIR (<split>.jsonl in the task's own format, e.g. "
+                        "piqa=DIR/validation.jsonl) instead of the hub; repeatable")
+
+
+def _task_data(values: list[str]) -> dict[str, str]:
+    """--task-data TASK=DIR values as {task: dir}."""
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        raise ValueError(f"--task-data {bad[0]!r} is not TASK=DIR; e.g. --task-data piqa=piqa-dir")
+    return dict(v.split("=", 1) for v in values)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -95,8 +113,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
     cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
                        mode=args.mode,
                        device=args.device, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                       new_tokens=args.new_tokens,
-                       floor=args.floor, force=args.force)
+                       new_tokens=args.new_tokens, floor=args.floor, force=args.force,
+                       tasks=tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip()),
+                       task_data=_task_data(args.task_data), task_limit=args.task_limit)
     rows, meta = run_report(cfg)
     print(to_markdown(rows, meta))
     print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'results.md'}, {cfg.out / 'pareto.png'}")
@@ -312,9 +331,7 @@ def _add_eval(sub) -> None:
     race.set_defaults(func=_cmd_eval_race)
     harness.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. piqa,gsm8k,race")
     harness.add_argument("--limit", type=int, default=None, help="at most N documents per task (lm-eval's --limit)")
-    harness.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
-                         help="read TASK's splits from DIR (<split>.jsonl in the task's own format, e.g. "
-                              "piqa=DIR/validation.jsonl) instead of the hub; repeatable")
+    _task_data_arg(harness)
     harness.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default 8)")
     harness.add_argument("--json", default=None, help="write lm-eval's results JSON to this file")
     harness.set_defaults(func=_cmd_eval_lm_eval)
@@ -376,10 +393,7 @@ def _cmd_eval_lm_eval(args: argparse.Namespace) -> None:
     from .evaluate import lm_eval_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [d for d in args.data if "=" not in d]
-    if bad:
-        raise ValueError(f"--data {bad[0]!r} is not TASK=DIR; e.g. --data piqa=piqa-dir")
-    data = dict(d.split("=", 1) for d in args.data)
+    data = _task_data(args.task_data)
     model, tok = _load_with_recipe(args, _recipe(args))
     out = lm_eval_tasks(model, tok, tasks, limit=args.limit, data=data, batch_size=args.batch_size)
     from lm_eval.utils import handle_non_serializable, make_table

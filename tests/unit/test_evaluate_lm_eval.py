@@ -108,8 +108,20 @@ def test_cli_writes_lm_evals_json(tiny_model, tok, task_data, tmp_path, capsys):
     save(tiny_model, tmp_path / "m", tokenizer=tok)
     out = tmp_path / "out.json"
     assert main(["eval", "lm-eval", "--model", str(tmp_path / "m"), "--recipe", "int8wo", "--tasks", "piqa",
-                 "--data", f"piqa={task_data['piqa']}", "--limit", "3", "--json", str(out)]) == 0
+                 "--task-data", f"piqa={task_data['piqa']}", "--limit", "3", "--json", str(out)]) == 0
     assert "piqa" in capsys.readouterr().out
     assert json.loads(out.read_text())["n-samples"]["piqa"]["effective"] == 3
-    assert main(["eval", "lm-eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--data", "piqa"]) == 2
-    assert "--data 'piqa' is not TASK=DIR" in capsys.readouterr().err
+    assert main(["eval", "lm-eval", "--model", str(tmp_path / "m"), "--tasks", "piqa", "--task-data", "piqa"]) == 2
+    assert "--task-data 'piqa' is not TASK=DIR" in capsys.readouterr().err
+
+
+def test_report_measures_the_tasks_named(tiny_model, tok, task_data, tmp_path):
+    """A report row carries each named task's numeric metrics, keyed as lm-eval keys them."""
+    from fastllama.checkpoint import save
+    from fastllama.report import measure
+
+    save(tiny_model, tmp_path / "m", tokenizer=tok)
+    m = measure(tmp_path / "m", "cpu", str(RACE), 4, "lm-eval", 8, 4, ("piqa",), {"piqa": str(task_data["piqa"])}, 3)
+    piqa = m["tasks"]["piqa"]
+    assert set(piqa) == {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"}
+    assert piqa["acc,none"] in (0, 1 / 3, 2 / 3, 1)  # 3 documents

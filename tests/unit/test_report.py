@@ -71,6 +71,16 @@ def test_perplexity_is_compact_and_collapse_is_marked(ppl, base, text):
     assert fmt_ppl(ppl, base) == text
 
 
+def test_lm_eval_tasks_are_columns_by_their_first_metric():
+    rows = [Row("bf16", tasks={"piqa": {"acc,none": 0.6, "acc_stderr,none": 0.02, "acc_norm,none": 0.61},
+                               "gsm8k": {"exact_match,strict-match": 0.125, "exact_match_stderr,strict-match": 0.01,
+                                         "exact_match,flexible-extract": 0.25}}),
+            Row("gptq4")]
+    md = to_markdown(rows, meta(tasks=["piqa", "gsm8k"]))
+    assert "| perplexity | piqa acc | gsm8k exact_match (strict-match) | model size (GB) |" in md
+    assert "| — | 60.0% | 12.5% |" in md and "| gptq4 | — | — | — | — | — | — | — |" in md
+
+
 def test_json_round_trip(tmp_path):
     path = write_results(tmp_path, ROWS, {"model": "m"})
     assert read_results(path) == (ROWS, {"model": "m"})

@@ -99,7 +99,7 @@ def test_logits_stay_as_close_to_float_as_fastllamas_format_of_the_same_width(ti
     """Through the same model, noise at each linear moves the logits alike: NF4 in blocks of 64 and a 4-bit min-max
     grid in groups of 64 have the same expected SQNR on Gaussian weights (20.7 and 20.8 dB), LLM.int8() 3 dB less
     than int8 weight-only (its activations are rounded too), so its relative error may be √2 times as large.
-    The bound, 1.5 times fastllama's own error, holds both (measured: 1.03 and 1.00 times)."""
+    The bound, 1.5 times fastllama's own error, holds both (measured: 1.17 and 0.91 times)."""
     pytest.importorskip("bitsandbytes", reason=NEEDS_BNB)
     ref = logits(tiny_model)
     error = lambda model: ((logits(model) - ref).norm() / ref.norm()).item()  # noqa: E731

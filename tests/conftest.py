@@ -76,7 +76,13 @@ def embedded():
     return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
 
 
-def train_tokenizer(texts: list[str], bos: bool, vocab_size: int = 400):
+@pytest.fixture(scope="session")
+def train_tokenizer():
+    """`train_tokenizer(texts, bos)`: a small byte-level BPE trained offline on the texts (see `_train_tokenizer`)."""
+    return _train_tokenizer
+
+
+def _train_tokenizer(texts: list[str], bos: bool, vocab_size: int = 400):
     """A small byte-level BPE trained offline on `texts` (a fast tokenizer, as Hugging Face models have); with `bos`,
     every encoding starts with <s> (as Llama-3's does), else nothing is added (as SmolLM2's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_tokenizer
 
 from fastllama.data import load_race
 from fastllama.evaluate import LM_EVAL_TASKS, _encode, lm_eval_tasks, local_task, race_cross_check, race_docs
@@ -43,7 +42,7 @@ def task_data(tmp_path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def tok():
+def tok(train_tokenizer):
     texts = [r["goal"] + r["sol1"] + r["sol2"] for r in PIQA] + [r["question"] + r["answer"] for r in GSM8K]
     return train_tokenizer(texts + [ex.article + ex.question + "".join(ex.options) for ex in load_race(RACE)], False)
 
@@ -79,7 +78,7 @@ def test_the_tasks_run_offline_on_a_compressed_model(tiny_model, tok, task_data)
         assert all(r["question"] not in prompt for r in GSM8K[6:] if r["question"] != sample["doc"]["question"])
 
 
-def test_race_cross_check_agrees_with_lm_evals_task(tiny_model):
+def test_race_cross_check_agrees_with_lm_evals_task(tiny_model, train_tokenizer):
     """lm-eval scores each article's last question with the earlier ones as context; fastllama's lm-eval mode
     chooses the same options with the same log-likelihoods (records keep 4 decimals: 5e-5, and float32 batching
     ~1e-6; the parity test's 1e-4)."""

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import train_tokenizer
 
 from fastllama.data import load_race
 from fastllama.evaluate import LM_EVAL_RACE_VERSION, _encode, evaluate_race, lm_eval_prompt
@@ -29,11 +28,6 @@ ROWS = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines
 # the records keep 4 decimals (rounding <= 5e-5); lm-eval's padded batches and fastllama's prefix trees add
 # float32 differences of ~1e-6 on these short inputs, so 1e-4 holds with room to spare
 LOGLIK_TOL = 1e-4
-
-
-def _tokenizer(bos: bool):
-    """A 400-token byte-level BPE trained on the test file; with `bos`, every encoding starts with <s>."""
-    return train_tokenizer([t for row in ROWS for t in (row["article"], row["question"], *row["options"])], bos)
 
 
 def _lm_eval_requests(tmp_path: Path):
@@ -58,13 +52,13 @@ def _lm_eval_requests(tmp_path: Path):
 
 
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
-def test_race_matches_lm_eval(tiny_model, tmp_path, bos):
+def test_race_matches_lm_eval(tiny_model, tmp_path, bos, train_tokenizer):
     from lm_eval.models.huggingface import HFLM
 
     task, instances = _lm_eval_requests(tmp_path)
     assert str(task.VERSION) == LM_EVAL_RACE_VERSION, "lm-eval's race task changed version: re-check lm_eval_prompt"
     assert any(row["question"].endswith("  _  .") for row in ROWS[:-1])  # blanks among earlier questions
-    tok = _tokenizer(bos)
+    tok = train_tokenizer([t for row in ROWS for t in (row["article"], row["question"], *row["options"])], bos)
     lm = HFLM(pretrained=tiny_model, tokenizer=tok, device="cpu", batch_size=4)
     result = evaluate_race(tiny_model, tok, DATA, mode="lm-eval")
     assert result.n == len(ROWS) and result.summary()["task_version"] == LM_EVAL_RACE_VERSION

@@ -63,13 +63,13 @@ PRESETS = {  # the reference study's recipes, and a few more
     # as 32 would store 4, hardly less than 4-bit in groups of 64 (4.5).
     "gptq3": f"gptq:bits=3,group=64 + {AUTO}",
     "gptq2": f"gptq:bits=2,group=32 + {AUTO}",
-    "prune-mlp25": "prune:mlp=0.25",
     # the layer-pruning study's dropping; `drop4+int8wo` (these two presets joined) adds its int8 weight-only
     "drop4": "drop:layers=4",
     # the peers a user would pick instead (the optional extra): bitsandbytes as transformers loads it, the float
     # parts in the policy's dtype and the head float, as transformers keeps it
     "bnb8": "cast:dtype=auto + bnb:type=int8",
     "nf4": "cast:dtype=auto + bnb:type=nf4",
+    "prune-mlp25": "prune:mlp=0.25",
 }
 
 

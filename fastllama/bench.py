@@ -5,13 +5,15 @@
     tokens_per_s   1000 / tpot_ms; e2e_tokens_per_s = new tokens / median whole run
     peak_mem_gb    torch.cuda.max_memory_allocated while decoding (GPU); nvml_mem_gb: the process as NVML sees it
     peak_rss_gb    peak resident memory while decoding (CPU; reset after loading where Linux allows)
-    model_gb       bytes of all parameters and buffers, shared storage counted once
+    model_gb       bytes of all parameters and buffers (and bitsandbytes' statistics), shared storage counted once
     bandwidth_frac model_gb x tokens_per_s / the device's peak memory bandwidth (known GPUs only)
 
     bench(model, prompt_len=128, new_tokens=256, runs=3, baseline="hf") -> dict of metrics
 
 The fast path is `fastllama.generate.Decoder`: each run times the prefill (`ttft_ms`) and every decode step
-separately; `tpot_ms` is the median step over all runs, after a warm-up run (which also compiles on a GPU).
+separately (a model with linears the fast path does not know, bitsandbytes', decodes on plain `generate` instead,
+as its users run it: `decode_path`, recorded as `path`); `tpot_ms` is the median step over all runs, after a
+warm-up run (which also compiles on a GPU).
 Timing is synchronized: CUDA events around every step on a GPU (read after the run, so no step waits on the
 host), `time.perf_counter` on the CPU, whose ops are synchronous. `baseline="hf"` times plain Hugging Face
 `generate` on the same model, token by token through a streamer, interleaved with the fast path in one process
@@ -53,9 +55,14 @@ def peak_bandwidth_tbs(name: str) -> float | None:
 
 
 def model_gb(model: nn.Module) -> float:
-    """Bytes of all parameters and buffers (shared storage, e.g. tied embeddings, counted once), in GB."""
+    """Bytes of all parameters and buffers (shared storage, e.g. tied embeddings, counted once), in GB, with the
+    statistics bitsandbytes keeps on its parameters rather than in buffers (int8 row scales, NF4 block absmax)."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        tensors += [getattr(p, "SCB", None), *(state.as_dict(packed=True).values() if state is not None else ())]
+    for t in (t for t in tensors if isinstance(t, torch.Tensor)):
         key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -142,6 +149,16 @@ class _Clock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
         return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def decode_path(model: nn.Module) -> str:
+    """"fast" (`Decoder`) where every linear is a plain `nn.Linear` or one of fastllama's swaps, else "plain
+    generate": a linear of another library (bitsandbytes') runs as its users run it."""
+    from .nn import SWAPS
+
+    foreign = [m for m in model.modules()
+               if isinstance(m, nn.Linear) and type(m) is not nn.Linear and type(m).__name__ not in SWAPS]
+    return "plain generate" if foreign else "fast"
 
 
 def fast_run(decoder: Decoder, ids: torch.Tensor, new_tokens: int) -> Callable[[], list[float]]:
@@ -238,11 +255,12 @@ def speed_recipe(recipe: str, lm_head: bool | None = None):
 
 def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: int = 256, runs: int = 3,
           baseline: str | None = None, compile: bool | None = None, decoder: Decoder | None = None) -> dict:
-    """Every metric of greedy batch-1 decoding on the fast path (see the module docstring).
+    """Every metric of greedy batch-1 decoding on the fast path, or on plain `generate` for a model the fast path
+    does not know (`decode_path`, recorded as `path`; see the module docstring).
 
     `compile` as in `Decoder` (None: on a GPU only); pass a `decoder` to reuse one (its cache, compiled step).
-    `baseline="hf"` adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and `speedup`
-    (tokens/s over plain generate's), both measured again interleaved in this process on the same model.
+    `baseline="hf"` (fast path only) adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and
+    `speedup` (tokens/s over plain generate's), both measured again interleaved in this process on the same model.
     """
     if baseline not in (None, "hf"):
         raise ValueError(f"unknown baseline {baseline!r}; valid: 'hf' (plain transformers generate) or None")
@@ -250,13 +268,21 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
         raise ValueError(f"need prompt_len >= 1, new_tokens >= 2 and runs >= 1; got prompt_len={prompt_len}, "
                          f"new_tokens={new_tokens}, runs={runs}")
     ids = prompt_ids(model, prompt_len, tokenizer)
-    device = ids.device
-    decoder = decoder or Decoder(model, prompt_len + new_tokens, compile=compile)
-    if decoder.max_len < prompt_len + new_tokens:
-        raise ValueError(f"the decoder holds {decoder.max_len} positions, fewer than prompt_len + new_tokens = "
-                         f"{prompt_len + new_tokens}; build it with a larger max_len")
+    device, path = ids.device, decode_path(model)
+    if path == "fast":
+        decoder = decoder or Decoder(model, prompt_len + new_tokens, compile=compile)
+        if decoder.max_len < prompt_len + new_tokens:
+            raise ValueError(f"the decoder holds {decoder.max_len} positions, fewer than prompt_len + new_tokens = "
+                             f"{prompt_len + new_tokens}; build it with a larger max_len")
+        run = fast_run(decoder, ids, new_tokens)
+    elif baseline == "hf":
+        raise ValueError("this model's linears are another library's (bitsandbytes'), so it decodes on plain "
+                         "generate already: baseline='hf' would time it against itself; pass baseline=None")
+    else:
+        log.info("linears the fast path does not know (bitsandbytes'): decoding on plain generate")
+        run = hf_run(model, ids, new_tokens)
     rss_reset = _reset_peaks(device)  # so the peaks are this model's while decoding, not while loading
-    metrics = compare({"fast": fast_run(decoder, ids, new_tokens)}, new_tokens, runs)["fast"]
+    metrics = compare({path: run}, new_tokens, runs)[path]
     name = device_name(device)
     size, peak_tbs = model_gb(model), peak_bandwidth_tbs(name)
     metrics |= {
@@ -268,7 +294,8 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
         "device": name,
         "machine": asdict(machine(device)),  # read right after timing, so its load average is the timing's
         "policy": asdict(policy(device)),
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "compiled": decoder.compiled,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "path": path,
+        "compiled": path == "fast" and decoder.compiled,
     }
     if baseline == "hf":  # after the memory reading, which should see the fast path alone
         both = compare({"fast": fast_run(decoder, ids, new_tokens), "hf": hf_run(model, ids, new_tokens)},

@@ -11,6 +11,10 @@ already records dropped layers and coupled-pruned widths), the float dtype, the 
 Loading builds the model from the config, swaps in an empty module wherever a spec differs from the freshly
 built one, and loads the safetensors file strictly. Quantized weights are stored portably (integers, scales,
 zeros) and packed for the device's kernel at load, so a checkpoint written on a GPU loads on a CPU and back.
+
+bitsandbytes quantizes at load, as transformers does with a BitsAndBytesConfig: a model bound for its layers is
+saved before the `bnb` step, which fastllama.json records as `at_load` and `load` applies (see
+`Recipe.split_at_load`). bitsandbytes' own layers are not saved.
 """
 
 from __future__ import annotations
@@ -32,19 +36,25 @@ META_FILE, WEIGHTS_FILE = "fastllama.json", "model.safetensors"
 
 
 def _modules(model: nn.Module) -> dict[str, dict]:
-    """The spec of every linear and swap, outermost only (a swap's `inner` is in its own spec)."""
+    """The spec of every linear and swap, outermost only (a swap's `inner` is in its own spec); ValueError for a
+    linear of another library (bitsandbytes'), whose weights this format does not hold."""
     specs = {}
     for name, module in model.named_modules():
         inside = any(name.startswith(outer + ".") for outer in specs)
         if not inside and (type(module) is nn.Linear or type(module).__name__ in SWAPS):
             specs[name] = to_spec(module)
+        elif isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            raise ValueError(f"cannot save {name}, a {type(module).__name__}: bitsandbytes quantizes at load, so save "
+                             "the model before its bnb step with save(..., at_load='bnb:type=...') (see "
+                             "Recipe.split_at_load)")
     return specs
 
 
 def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None = None,
-         calibration: str | None = None) -> Path:
+         calibration: str | None = None, at_load: str | None = None) -> Path:
     """Write `model` (any mix of float, quantized and pruned linears) to the directory `path`; returns it.
-    `calibration` records where the recipe's calibration text came from (see `data.calibration_with_source`)."""
+    `calibration` records where the recipe's calibration text came from (see `data.calibration_with_source`);
+    `at_load`, recipe steps `load` applies (a bnb step: bitsandbytes quantizes at load)."""
     from safetensors.torch import save_file
     import transformers
 
@@ -65,6 +75,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, recipe: str | None 
         "versions": {"fastllama": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "recipe": None if recipe is None else str(recipe),
         "calibration": calibration,
+        "at_load": str(at_load or "") or None,
         "dtype": str(float_dtype).removeprefix("torch."),
         "config": model.config.to_dict(),
         "modules": _modules(model),
@@ -139,7 +150,8 @@ def _build(meta: dict) -> nn.Module:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
-    """The model saved in the directory `path` and its tokenizer (None if none was saved), on `device`."""
+    """The model saved in the directory `path` and its tokenizer (None if none was saved), on `device`, with the
+    steps saved `at_load` applied."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint directory: {path}")
@@ -159,6 +171,10 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / META_FILE}: {_short(e)}; the two files come "
                          "from different saves: save the model again") from e
     model = model.to(device).eval()
+    if meta.get("at_load"):
+        from .recipes import compress
+
+        compress(model, meta["at_load"])
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

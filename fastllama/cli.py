@@ -83,7 +83,25 @@ def _add_report(sub) -> None:
     p.add_argument("--floor", type=float, default=0.50, help="accuracy floor drawn on the plot (default 0.50)")
     p.add_argument("--out", default="fastllama-report", help="output folder (default fastllama-report)")
     p.add_argument("--force", action="store_true", help="rebuild cached models and overwrite another model's folder")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks measured for each recipe too, comma-separated, e.g. "
+                                                 "piqa (the eval extra; see `fastllama eval lm-eval`)")
+    _task_data_arg(p)
+    p.add_argument("--task-limit", type=int, default=None, help="at most N documents per lm-eval task")
     p.set_defaults(func=_cmd_report)
+
+
+def _task_data_arg(p) -> None:
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                   help="read TASK's splits from DIR (<split>.jsonl in the task's own format, e.g. "
+                        "piqa=DIR/validation.jsonl) instead of the hub; repeatable")
+
+
+def _task_data(values: list[str]) -> dict[str, str]:
+    """--task-data TASK=DIR values as {task: dir}."""
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        raise ValueError(f"--task-data {bad[0]!r} is not TASK=DIR; e.g. --task-data piqa=piqa-dir")
+    return dict(v.split("=", 1) for v in values)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -95,8 +113,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
     cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
                        mode=args.mode,
                        device=args.device, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                       new_tokens=args.new_tokens,
-                       floor=args.floor, force=args.force)
+                       new_tokens=args.new_tokens, floor=args.floor, force=args.force,
+                       tasks=tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip()),
+                       task_data=_task_data(args.task_data), task_limit=args.task_limit)
     rows, meta = run_report(cfg)
     print(to_markdown(rows, meta))
     print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'results.md'}, {cfg.out / 'pareto.png'}")
@@ -159,16 +178,21 @@ def _calib(args: argparse.Namespace, model, tok):
 
 
 def _save_compressed(args: argparse.Namespace, model, tok, recipe: str, before: float,
-                     calib_source: str | None = None) -> None:
-    """Print the size before (GB, `bench.model_gb`) -> after, and save the model to --out when given."""
+                     calib_source: str | None = None, at_load=None) -> None:
+    """Save the model to --out when given (with the `at_load` steps a checkpoint applies when loaded, see
+    `Recipe.split_at_load`), and print the size before (GB, `bench.model_gb`) -> after, those steps applied."""
     from .bench import model_gb
+    from .recipes import compress
 
-    after = model_gb(model)
-    print(f"{recipe}: {before * 1e3:.1f} MB -> {after * 1e3:.1f} MB ({after / before:.1%})")
     if args.out:
         from .checkpoint import save
 
-        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source)
+        save(model, args.out, tokenizer=tok, recipe=recipe, calibration=calib_source, at_load=at_load)
+    if at_load is not None:
+        compress(model, at_load)
+    after = model_gb(model)
+    print(f"{recipe}: {before * 1e3:.1f} MB -> {after * 1e3:.1f} MB ({after / before:.1%})")
+    if args.out:
         print(f"saved to {args.out}")
 
 
@@ -250,9 +274,10 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         calib, source = _calib(args, model, tok)  # the text given, C4, or samples of the model
         print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens from {source}")
     before, start = model_gb(model), time.perf_counter()
-    compress(model, recipe, calib, tok)
+    body, at_load = recipe.split_at_load()  # a bnb step is saved to apply at load, as bitsandbytes quantizes
+    compress(model, body, calib, tok)
     print(f"compressed in {time.perf_counter() - start:.1f} s")
-    _save_compressed(args, model, tok, str(recipe), before, source)
+    _save_compressed(args, model, tok, str(recipe), before, source, at_load)
 
 
 # ---------------------------------------------------------------- export
@@ -290,11 +315,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="RACE accuracy or perplexity of a model, optionally compressed by a recipe first")
+    p = sub.add_parser("eval", help="RACE accuracy, perplexity or lm-eval tasks of a model, optionally compressed by a "
+                                    "recipe first")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     race = tasks.add_parser("race", help="RACE reading-comprehension accuracy with its 95%% Wilson interval")
     ppl = tasks.add_parser("ppl", help="perplexity over a text file, in strided windows")
-    for q in (race, ppl):
+    harness = tasks.add_parser("lm-eval", help="lm-evaluation-harness's own tasks (piqa, gsm8k, race, ...) through its "
+                                               "HF model interface (the eval extra)")
+    for q in (race, ppl, harness):
         _model_args(q)
         q.add_argument("--recipe", default=None, help="compress with this recipe before evaluating (e.g. gptq4)")
         _calib_args(q)
@@ -306,7 +334,16 @@ def _add_eval(sub) -> None:
     race.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded subset of N questions")
     race.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     race.add_argument("--json", default=None, help="write the result (and per-question records) to this JSON file")
+    race.add_argument("--cross-check", type=int, default=None, metavar="ARTICLES",
+                      help="instead, compare lm-eval mode with lm-eval's own race task on the first ARTICLES articles "
+                           "of --data (each one's last question): agreements and log-likelihood differences")
     race.set_defaults(func=_cmd_eval_race)
+    harness.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated, e.g. piqa,gsm8k,race")
+    harness.add_argument("--limit", type=int, default=None, help="at most N documents per task (lm-eval's --limit)")
+    _task_data_arg(harness)
+    harness.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default 8)")
+    harness.add_argument("--json", default=None, help="write lm-eval's results JSON to this file")
+    harness.set_defaults(func=_cmd_eval_lm_eval)
     ppl.add_argument("--text-file", default=None, help="text to score (default: the shipped fastllama/data/ppl.txt)")
     ppl.add_argument("--window", type=int, default=512, help="tokens the model sees per step (default 512)")
     ppl.add_argument("--stride", type=int, default=256, help="new tokens scored per step (default 256)")
@@ -338,6 +375,17 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_race
 
     model, tok = _load_with_recipe(args, _recipe(args))
+    if args.cross_check is not None:
+        from .evaluate import race_cross_check
+
+        check = race_cross_check(model, tok, args.data, args.cross_check, args.batch_size)
+        print(f"lm-eval race cross-check, {args.model}{' + ' + args.recipe if args.recipe else ''}: "
+              f"{check['agreements']} of {check['articles']} articles chose the same option; largest "
+              f"log-likelihood difference {check['max_loglik_diff']:.2g}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "recipe": args.recipe, "data": args.data, **check}, f, indent=2)
+        return
     start = time.perf_counter()
     result = evaluate_race(model, tok, args.data, mode=args.mode, limit=args.limit, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
@@ -347,6 +395,24 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "recipe": args.recipe, "data": args.data, **result.summary(),
                        "seconds": round(seconds, 1), "records": result.records}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _cmd_eval_lm_eval(args: argparse.Namespace) -> None:
+    from .evaluate import lm_eval_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    data = _task_data(args.task_data)
+    model, tok = _load_with_recipe(args, _recipe(args))
+    out = lm_eval_tasks(model, tok, tasks, limit=args.limit, data=data, batch_size=args.batch_size)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(out))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=handle_non_serializable)
         print(f"wrote {args.json}")
 
 

@@ -2,6 +2,8 @@
 
     evaluate_race(model, tokenizer, data)     accuracy with a 95% Wilson interval and per-question records
     perplexity(model, tokenizer, text)        exp(mean NLL) over a text, in strided windows
+    lm_eval_tasks(model, tokenizer, tasks)    lm-evaluation-harness's own tasks (piqa, gsm8k, race, ...)
+    race_cross_check(model, tokenizer, data)  lm-eval mode against lm-eval's race task on the same articles
 
 RACE scoring compares the log-likelihood of four continuations of one prompt, in one of two modes:
 
@@ -14,6 +16,10 @@ RACE scoring compares the log-likelihood of four continuations of one prompt, in
 Both modes encode as lm-eval's HF model does by default (`add_bos_token` unset): with the tokenizer's own special
 tokens, so a tokenizer that adds a BOS (Llama-3's) starts every input with it, and one that adds none (SmolLM2's)
 adds nothing.
+
+`lm_eval_tasks` runs lm-evaluation-harness itself (the `eval` extra) through its own HF model interface, `HFLM`
+wrapped around the model as loaded, so any fastllama model, compressed ones included, takes any of its tasks;
+offline, a task reads its splits from a local folder (`local_task`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,3 +304,93 @@ def _collate(trees: list[_Tree], dtype: torch.dtype) -> tuple[torch.Tensor, torc
                 allowed[b, i] |= allowed[b, parent]
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return tokens, positions, mask[:, None]
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness's own tasks
+LM_EVAL_TASKS = ("piqa", "gsm8k", "race")  # the studies' tasks; any lm-eval task name runs where the hub answers
+SPLITS = ("training_split", "validation_split", "test_split", "fewshot_split")  # a task config's split keys
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ImportError("lm-evaluation-harness is the optional extra `eval`: pip install -e '.[eval]'") from e
+    return lm_eval
+
+
+def local_task(name: str, folder: str | Path, manager=None) -> dict:
+    """lm-eval's own config of task `name`, reading its splits from `folder` instead of the hub: one
+    `<split>.jsonl` per split the task names (piqa: validation; gsm8k: test, and train for its few-shot examples;
+    race: test), each row as the task's hub dataset has it. A split without a file is left out (a task that needs
+    it, such as gsm8k's few-shot split, then says so). `manager`: an lm-eval TaskManager to reuse."""
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = (manager or TaskManager()).task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(f"unknown lm-eval task {name!r}; e.g. {', '.join(LM_EVAL_TASKS)}")
+    folder, config = Path(folder).expanduser(), load_yaml(entry.yaml_path)
+    named = {config[k] for k in SPLITS if config.get(k)}
+    files = {split: str(folder / f"{split}.jsonl") for split in named if (folder / f"{split}.jsonl").is_file()}
+    if not files:
+        raise ValueError(f"{folder} holds none of {name}'s splits: write them as "
+                         f"{', '.join(sorted(f'{split}.jsonl' for split in named))} in the task's row format")
+    return config | {k: config.get(k) if config.get(k) in files else None for k in SPLITS} | {
+        "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+
+
+def lm_eval_tasks(model, tokenizer, tasks: Sequence[str], limit: int | None = None,
+                  data: dict[str, str | Path] | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
+    """lm-evaluation-harness's own `tasks` on `model` through its HF model interface (`HFLM` around the model and
+    tokenizer as loaded): lm-eval's results, whose `results[task]` holds each task's metrics (`samples` too with
+    `log_samples`). `limit` caps the documents per task (lm-eval's --limit); `data` maps tasks to local folders
+    of their splits (see `local_task`), for runs without the hub."""
+    if tokenizer is None:
+        raise ValueError("lm-eval tasks need a tokenizer and this model has none (a random preset?); use a real model")
+    extra = set(data or {}) - set(tasks)
+    if extra:
+        raise ValueError(f"local data for {', '.join(sorted(extra))}, which --tasks does not name; add it to the tasks")
+    _lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager()
+    specs = [local_task(t, data[t], manager) if t in (data or {}) else t for t in tasks]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
+    return simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=log_samples, task_manager=manager)
+
+
+def race_docs(examples: Sequence[RaceExample]) -> list[dict]:
+    """Rows of lm-eval's race task (EleutherAI/race's layout) from RACE examples: one per article, its questions in
+    order as `problems`, a Python literal as that dataset stores it; lm-eval scores each row's last question."""
+    problems: dict[str, list[dict]] = {}
+    for ex in examples:
+        problems.setdefault(ex.article, []).append({"question": ex.question, "options": list(ex.options),
+                                                    "answer": ex.answer})
+    return [{"example_id": str(i), "article": a, "problems": repr(p)} for i, (a, p) in enumerate(problems.items())]
+
+
+def race_cross_check(model, tokenizer, data: str | Path | None = None, articles: int | None = None,
+                     batch_size: int = 8) -> dict:
+    """fastllama's lm-eval mode against lm-eval's own race task on the same articles (the first `articles` of the
+    RACE file, all their questions): lm-eval scores each article's last question, its earlier ones as context, and
+    `evaluate_race` scores that question. Returns the article count, on how many the same option was chosen, and
+    the largest difference of an option's log-likelihood (fastllama's are rounded to 4 decimals)."""
+    examples = load_race(data)
+    last = {ex.article: ex for ex in examples}  # each article's last question
+    kept = list(last)[:articles]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = race_docs([ex for ex in examples if ex.article in set(kept)])
+        (Path(folder) / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        out = lm_eval_tasks(model, tokenizer, ["race"], data={"race": folder}, batch_size=batch_size,
+                            log_samples=True)
+    theirs = [[ll for ll, _ in s["filtered_resps"]] for s in sorted(out["samples"]["race"], key=lambda s: s["doc_id"])]
+    ours = evaluate_race(model, tokenizer, [last[a] for a in kept], mode="lm-eval", batch_size=batch_size).records
+    agree = sum(LETTERS[max(range(4), key=t.__getitem__)] == r["chosen"] for t, r in zip(theirs, ours))
+    diff = max(abs(a - b) for t, r in zip(theirs, ours) for a, b in zip(t, r["loglik"]))
+    log.info("lm-eval race cross-check: %d articles, %d agree, largest log-likelihood difference %.2g", len(kept),
+             agree, diff)
+    return {"articles": len(kept), "agreements": agree, "max_loglik_diff": diff}

@@ -7,10 +7,11 @@
 GPTQ follows the reference `fasterquant`: H = 2XXᵀ/n from the calibration inputs of each linear, dampened by
 `damp` times its mean diagonal, inverted through Cholesky (upper factor of H⁻¹), and the columns quantized one
 by one with their error spread over the columns not yet quantized, in lazy blocks. The grid is the kernels'
-own (see `nn.quant_grid`): 4-bit asymmetric min-max per group of input channels, 8-bit symmetric with one scale
-per output channel; so the weights GPTQ settles on are exactly the kernel's integers and scales. `grid="sym"`
-(symmetric, zero 0, for compressed-tensors) and GGUF's `"q4_0"` / `"q8_0"` target other grids instead (see
-`nn.grid_for`), which the same kernels compute with exactly; round-to-nearest takes `grid` too.
+own (see `nn.quant_grid`): 2-, 3- and 4-bit asymmetric min-max per group of input channels (all three on the int4
+kernel, see `nn.int_range`), 8-bit symmetric with one scale per output channel; so the weights GPTQ settles on are
+exactly the kernel's integers and scales. `grid="sym"` (symmetric, zero 0, for compressed-tensors) and GGUF's
+`"q4_0"` / `"q8_0"` target other grids instead (see `nn.grid_for`), which the same kernels compute with exactly;
+round-to-nearest takes `grid` too.
 
 With `act_order` (the default), columns are visited by decreasing Hessian diagonal but groups stay in natural
 column order (the kernels need that): each group's grid is fixed up front from the unquantized weights ("static
@@ -49,7 +50,7 @@ CLIP_SHRINKS = tuple(1 - k / 100 for k in range(25))  # the range factors the cl
 class RTNConfig:
     """Round-to-nearest onto the kernels' grid."""
 
-    bits: int = 4  # 4 (int4 kernel, groups) or 8 (int8 kernel, one scale per output channel)
+    bits: int = 4  # 2, 3, 4 (int4 kernel, groups; see nn.int_range) or 8 (int8 kernel, one scale per output channel)
     group_size: int = 128  # input channels per 4-bit scale/zero; per layer, the largest kernel group dividing it
     lm_head: bool = False  # also quantize the output head (untied from the embedding, which stays float)
     grid: str = "kernel"  # kernel (the kernels' own), sym (zero 0, any group), q4_0 / q8_0 (GGUF's): nn.grid_for
@@ -108,7 +109,7 @@ def quantize_(model: nn.Module, config: RTNConfig, calib: Tensor | None = None) 
                 setattr(parent, name, _rtn(linear, config))
         if config.lm_head:
             quantize_head_(model, config)
-    if config.bits == 4:
+    if config.bits != 8:
         _log_group_fallbacks(model, config)
     log.info("quantized to %d bits (%s) in %.1f s", config.bits, type(config).__name__, time.perf_counter() - start)
     return model
@@ -129,7 +130,7 @@ def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
     """Say once per width which linears got a smaller group than asked (it is recorded in their spec)."""
     fallbacks: dict[tuple[int, int], int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.bits == 4 and m.group_size != config.group_size:
+        if isinstance(m, QuantLinear) and m.bits != 8 and m.group_size != config.group_size:
             fallbacks[m.in_features, m.group_size] = fallbacks.get((m.in_features, m.group_size), 0) + 1
     for (in_features, group), count in fallbacks.items():
         log.info("in_features=%d is not divisible by group_size=%d: used group_size=%d (%d linears)", in_features,
@@ -171,7 +172,7 @@ def clip_grid(w: Tensor, bits: int, importance: Tensor, grid: str = "kernel") ->
     for shrink in CLIP_SHRINKS:
         scale, zero = grid_for(ends * shrink, bits, grid)  # each grid reads only a row's min and max
         s, z = scale[..., None], None if zero is None else zero[..., None]
-        err = ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
+        err = ((dequantize_values(quantize_values(w, s, z, bits), s, z) - w).square() * importance).sum(-1)
         better = err < best_err
         best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
         best_zero = None if zero is None else torch.where(better, zero, best_zero)
@@ -208,21 +209,21 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     # W and Q are held transposed, [in, out], so that each column GPTQ visits is one contiguous row
     W, Q = W.T.contiguous(), torch.empty(cols, out, device=W.device)
     group = perm // group_size  # the group of each visited column
-    block_size = max(block_size, group_size) if bits == 4 else block_size  # a lazy group then lies in one block
+    block_size = max(block_size, group_size) if bits != 8 else block_size  # a lazy group then lies in one block
     span = block_size if static else group_size  # columns that share one gather of their grids
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, Hinv1, Err1 = W[i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.empty(i2 - i1, out, device=W.device)
         for j1 in range(0, i2 - i1, span):  # block-local columns j1..j2
             j2 = min(j1 + span, i2 - i1)
-            if not static:  # natural order, 4-bit: the span is one group, whose grid is set now
+            if not static:  # natural order, below 8 bits: the span is one group, whose grid is set now
                 g = (i1 + j1) // group_size
                 scales[:, g], zeros[:, g] = fit(W1[j1:j2].T, g)
             S = scales.T[group[i1 + j1:i1 + j2]]  # [span, out]: each column's scales (and zeros) as rows
             Z = [None] * (j2 - j1) if zeros is None else zeros.T[group[i1 + j1:i1 + j2]]
             for i, s, z in zip(range(j1, j2), S, Z):
                 w = W1[i]
-                Q[i1 + i] = q = quantize_values(w, s, z)
+                Q[i1 + i] = q = quantize_values(w, s, z, bits)
                 torch.div(w - dequantize_values(q, s, z), Hinv1[i, i], out=Err1[i])
                 W1[i:].sub_(Hinv1[i, i:, None] * Err1[i])
         W[i2:].sub_((Err1.T.contiguous() @ Hinv[i1:i2, i2:]).T)  # the lazy update, as an [out, in] matmul

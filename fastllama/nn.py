@@ -247,24 +247,25 @@ def add_linear(x: Tensor, module: nn.Module, h: Tensor) -> Tensor:
 # QuantLinear goes below (register it with @swap so checkpoints can rebuild it from its spec).
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernels take
+INT4_BITS = (2, 3, 4)  # the widths the int4 kernels compute: a 2- or 3-bit grid is a sub-range of their 16 levels
 SCALE_DTYPE = torch.bfloat16  # the kernels' scale/zero dtype; activations are cast to it around the call
 KERNEL_MULTIPLE = 16  # int4 kernels need out_features, the int8 kernel in_features, divisible by this: padded
 
 
 def check_quant_config(bits: int, group_size: int) -> None:
-    """ValueError unless `bits` is 4 or 8 and, for 4 bits, `group_size` is one the int4 kernels take."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits={bits!r} is not supported; valid: 4 (int4 kernel, groups) or 8 (int8 kernel, "
+    """ValueError unless `bits` is 2, 3, 4 or 8 and, below 8 bits, `group_size` is one the int4 kernels take."""
+    if bits not in (*INT4_BITS, 8):
+        raise ValueError(f"bits={bits!r} is not supported; valid: 2, 3, 4 (int4 kernel, groups) or 8 (int8 kernel, "
                          "one scale per output channel)")
-    if bits == 4 and group_size not in INT4_GROUPS:
+    if bits != 8 and group_size not in INT4_GROUPS:
         raise ValueError(f"group_size={group_size!r} cannot be taken by the int4 kernel; valid: "
                          f"{', '.join(map(str, INT4_GROUPS))}")
 
 
 def check_quant_shape(in_features: int, bits: int, group_size: int) -> None:
-    """ValueError unless the config is valid and, for 4 bits, `group_size` divides `in_features`."""
+    """ValueError unless the config is valid and, below 8 bits, `group_size` divides `in_features`."""
     check_quant_config(bits, group_size)
-    if bits == 4 and in_features % group_size:
+    if bits != 8 and in_features % group_size:
         fits = [g for g in INT4_GROUPS if in_features % g == 0]
         raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}; "
                          f"valid for this layer: {', '.join(map(str, fits)) or 'none (needs a multiple of 32)'}")
@@ -280,16 +281,28 @@ def int4_group_for(in_features: int, group_size: int) -> int:
     return fits[-1]
 
 
+def int_range(bits: int) -> tuple[int, int]:
+    """The integers (lo, hi) a `bits`-wide grid uses on its kernel: -128..127 for 8-bit; below 8 bits, the 2^bits
+    values of the int4 kernels' 0..15 centred on their zero point 8, 8 - 2^(bits-1) .. 7 + 2^(bits-1): 0..15 (4-bit),
+    4..11 (3-bit), 6..9 (2-bit). The kernel computes (q - 8)·scale + zero for any of them, so a 2- or 3-bit grid runs
+    on the int4 kernel exactly."""
+    if bits == 8:
+        return -128, 127
+    return 8 - 2 ** (bits - 1), 7 + 2 ** (bits - 1)
+
+
 def quant_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     """The min-max grid of each row of `w` [..., g]: (scale, zero) [...], rounded to the kernels' bfloat16.
 
-    4-bit is asymmetric, Ŵ = (q - 8)·scale + zero with q in 0..15 (zero is the value at q = 8, as the int4
-    kernels store it); 8-bit is symmetric, Ŵ = q·scale with q in -128..127, and zero is None.
+    Below 8 bits it is asymmetric, Ŵ = (q - 8)·scale + zero with q in `int_range(bits)`: L = 2^bits levels, so
+    scale = (max - min) / (L - 1), and zero, the value at q = 8, is min + (L/2)·scale (the lowest level, 8 - L/2,
+    lands on the min and the highest, 7 + L/2, on the max; zero as the int4 kernels store it). 8-bit is symmetric,
+    Ŵ = q·scale with q in -128..127, and zero is None.
     """
-    if bits == 4:
+    if bits != 8:
         lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo) / 15).clamp_min(1e-8).to(SCALE_DTYPE).float()
-        return scale, (lo + 8 * scale).to(SCALE_DTYPE).float()
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8).to(SCALE_DTYPE).float()
+        return scale, (lo + 2 ** (bits - 1) * scale).to(SCALE_DTYPE).float()
     return (w.abs().amax(-1) / 127).clamp_min(1e-8).to(SCALE_DTYPE).float(), None
 
 
@@ -301,7 +314,8 @@ def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor
     """The grid (scale, zero) of each row of `w` [..., g] for a target `grid` (see GRIDS), exact in bfloat16.
 
     "kernel" is `quant_grid`. "sym" is symmetric, zero = 0, for any group: 4-bit Ŵ = d·(q - 8), q in 0..15, with
-    d the signed value of largest magnitude over -8 (it lands exactly on q = 0), i.e. the int4 kernel's layout
+    d the signed value of largest magnitude over -8 (it lands exactly on q = 0; 2- and 3-bit alike on their
+    lowest level, over -2 and -4), i.e. the int4 kernel's layout
     with zero = 0 (compressed-tensors' symmetric int4, q - 8 in -8..7); 8-bit Ŵ = d·q, d = max|w| / 127, the int8
     kernel's per-channel grid. |d| is rounded to bfloat16 and raised to at least GGUF_MIN_SCALE, so d is exact in
     both bfloat16 (the kernels) and float16. "q4_0" (4-bit, groups of 32) and "q8_0" (8-bit) are "sym" under
@@ -317,18 +331,18 @@ def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor
                          "grid=sym with either)")
     if bits == 8:
         d = w.abs().amax(-1) / 127
-    else:
-        d = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -8
+    else:  # the value of largest magnitude lands on the lowest level, q - 8 = -2^(bits-1)
+        d = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1) / -2 ** (bits - 1)
     d = d.to(SCALE_DTYPE).float()
     d = torch.where(d < 0, -1.0, 1.0) * d.abs().clamp_min(GGUF_MIN_SCALE)
-    return d, (torch.zeros_like(d) if bits == 4 else None)
+    return d, (torch.zeros_like(d) if bits != 8 else None)
 
 
-def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
-    """The integer values of `w` on the grid (scale, zero) broadcast against it (4-bit when zero is given)."""
-    if zero is None:
-        return torch.round(w / scale).clamp_(-128, 127)
-    return (torch.round((w - zero) / scale) + 8).clamp_(0, 15)
+def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
+    """The integer values of `w` on the `bits`-wide grid (scale, zero) broadcast against it (zero None for 8-bit),
+    clamped to `int_range(bits)`."""
+    q = torch.round(w / scale) if zero is None else torch.round((w - zero) / scale) + 8
+    return q.clamp_(*int_range(bits))
 
 
 def dequantize_values(q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
@@ -390,6 +404,38 @@ def _int4_unpack(packed: Tensor, cols: int) -> Tensor | None:
     return _nibbles(packed)[(start * cols + offset)[:, None] + cols_k * stride[:, None]]
 
 
+def pack_bits(v: Tensor, bits: int) -> Tensor:
+    """Values v [rows, cols] in 0..2^bits - 1 (cols a multiple of 8) packed at their width, as uint8 [rows,
+    cols·bits/8]: each 8 consecutive values fill `bits` bytes as one little-endian bit stream (value i at bits
+    i·bits.., lowest byte first). So 2-bit is 4 values a byte, 3-bit 8 values in 3 bytes (no bit wasted: the int4
+    kernels' groups are multiples of 32 columns), and 4-bit nibble pairs, low nibble first (the layout 4-bit
+    checkpoints have always had). Works in int16, a value at a time, so a large head needs no int64 copies."""
+    rows, cols = v.shape
+    v = v.to(torch.int16).view(rows, cols // 8, 8)
+    out = v.new_zeros(rows, cols // 8, bits)
+    for i in range(8):  # value i starts at bit `shift` of byte `byte` and may spill into the next one
+        byte, shift = divmod(i * bits, 8)
+        x = v[..., i] << shift
+        out[..., byte] |= x & 255
+        if shift + bits > 8:
+            out[..., byte + 1] |= x >> 8
+    return out.to(torch.uint8).view(rows, cols * bits // 8)
+
+
+def unpack_bits(packed: Tensor, bits: int) -> Tensor:
+    """The values [rows, cols] (int32) that `pack_bits` packed into `packed` [rows, cols·bits/8]."""
+    rows, nbytes = packed.shape
+    b = packed.to(torch.int16).view(rows, nbytes // bits, bits)
+    out = b.new_empty(rows, nbytes // bits, 8)
+    for i in range(8):
+        byte, shift = divmod(i * bits, 8)
+        x = b[..., byte] >> shift
+        if shift + bits > 8:
+            x |= b[..., byte + 1] << 8 - shift
+        out[..., i] = x & 2 ** bits - 1
+    return out.int().view(rows, -1)
+
+
 def _int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     """`x @ (q·scales).T` as gpt-fast and torchao write int8 weight-only: `F.linear(x, q.to(x.dtype)) * scales`.
 
@@ -412,15 +458,16 @@ class QuantLinear(nn.Module):
     """`y = x @ Ŵ.T + b` on PyTorch's weight-only int4/int8 kernels, holding only integers and scales.
 
     4-bit: groups of `group_size` input channels, Ŵ = (q - 8)·scale + zero, q in 0..15: the layout of
-    `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 8-bit: one scale per output channel,
+    `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 2- and 3-bit: the same, q in the 4 or 8
+    values around 8 of `int_range` (the same kernel, exactly). 8-bit: one scale per output channel,
     Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm` on the CPU, `_int8_linear` elsewhere). Scales and zeros
     are bfloat16, as the kernels take them; activations are cast to bfloat16 around the kernel (its fast path on
     CPU) and the output back. Shapes the kernels cannot take (pruned to a count not divisible by
     KERNEL_MULTIPLE) are zero-padded inside.
 
     The buffers are packed for the kernel of their device. `state_dict()` holds the portable form instead
-    (`qweight`: the integer values, nibble pairs for 4-bit; `scales`; `zeros`; `bias`), `load_state_dict` packs
-    it for the module's device, and `.to(device)` repacks.
+    (`qweight`: the integer values, packed at their width below 8 bits; `scales`; `zeros`; `bias`),
+    `load_state_dict` packs it for the module's device, and `.to(device)` repacks.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -429,11 +476,11 @@ class QuantLinear(nn.Module):
         group_size = in_features if bits == 8 else group_size
         check_quant_shape(in_features, bits, group_size)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.pad_out = -out_features % KERNEL_MULTIPLE if bits == 4 else 0  # zero rows the kernel computes
+        self.pad_out = -out_features % KERNEL_MULTIPLE if bits != 8 else 0  # zero rows the kernel computes
         self.pad_in = -in_features % KERNEL_MULTIPLE if bits == 8 else 0  # zero columns, and zeros padded to x
-        self.in_granularity = group_size if bits == 4 else 1  # the column block that input pruning keeps whole
+        self.in_granularity = group_size if bits != 8 else 1  # the column block that input pruning keeps whole
         groups = in_features // group_size
-        zeros = torch.zeros(out_features, groups, device=device) if bits == 4 else None
+        zeros = torch.zeros(out_features, groups, device=device) if bits != 8 else None
         self.set_values(torch.zeros(out_features, in_features, dtype=torch.int32, device=device),
                         torch.ones(out_features, groups, device=device), zeros,
                         torch.zeros(out_features, device=device) if bias else None)
@@ -445,7 +492,7 @@ class QuantLinear(nn.Module):
         check_quant_shape(linear.in_features, bits, group_size)
         w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)
         scale, zero = grid_for(w, bits, grid)
-        q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None])
+        q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None], bits)
         return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size)
 
     @classmethod
@@ -461,7 +508,7 @@ class QuantLinear(nn.Module):
         kernel of q's device."""
         q = nn.functional.pad(q, (0, self.pad_in, 0, self.pad_out))
         scales = nn.functional.pad(scales, (0, 0, 0, self.pad_out), value=1.0)
-        if self.bits == 4:
+        if self.bits != 8:
             self.register_buffer("packed", _int4_pack(q.int()), persistent=False)
             zeros = nn.functional.pad(zeros, (0, 0, 0, self.pad_out))
             sz = torch.stack([scales, zeros], -1).transpose(0, 1).to(SCALE_DTYPE).contiguous()  # [groups, out, 2]
@@ -472,9 +519,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone().to(q.device), persistent=False)
 
     def _integers(self) -> Tensor:
-        """The integer values [out, in]: int8 (8-bit) or uint8 0..15 (4-bit). A CPU int4 packing is unpacked
-        directly (`_int4_unpack`); CUDA's tinygemm tiles are read back through the kernel itself (an identity
-        matrix through it: O(in² · out), cheap on a GPU only)."""
+        """The integer values [out, in]: int8 (8-bit) or uint8 in `int_range(bits)` (below 8 bits). A CPU int4
+        packing is unpacked directly (`_int4_unpack`); CUDA's tinygemm tiles are read back through the kernel itself
+        (an identity matrix through it: O(in² · out), cheap on a GPU only)."""
         out, cols = self.out_features, self.in_features
         if self.bits == 8:
             return self.packed[:, :cols]
@@ -511,7 +558,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(SCALE_DTYPE)
         if self.pad_in:
             x2 = nn.functional.pad(x2, (0, self.pad_in))
-        if self.bits == 4:
+        if self.bits != 8:
             y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = _int8_mm(x2, self.packed, self.scales)
@@ -527,9 +574,9 @@ class QuantLinear(nn.Module):
         if dim == 0:
             scales, zeros = scales[index], None if zeros is None else zeros[index]
             bias = None if bias is None else bias[index]
-        elif self.bits == 4:
+        elif self.bits != 8:
             if not whole_blocks(index, self.group_size):
-                raise ValueError(f"4-bit columns can only be selected in whole groups of {self.group_size} "
+                raise ValueError(f"{self.bits}-bit columns can only be selected in whole groups of {self.group_size} "
                                  "(see in_granularity); pass whole, aligned groups")
             groups = index[::self.group_size] // self.group_size
             scales, zeros = scales[:, groups], zeros[:, groups]
@@ -544,17 +591,20 @@ class QuantLinear(nn.Module):
         return cls(**spec)
 
     def portable(self) -> dict[str, Tensor]:
-        """The device-independent form saved in checkpoints: qweight, scales, zeros (4-bit), bias (if any)."""
+        """The device-independent form saved in checkpoints: qweight (below 8 bits packed at its width, see
+        `pack_bits`), scales, zeros (below 8 bits), bias (if any)."""
         q, (scales, zeros) = self._integers(), self._scales_zeros()
-        out = {"qweight": q[:, ::2] | q[:, 1::2] << 4 if self.bits == 4 else q, "scales": scales}
+        if self.bits != 8:
+            q = pack_bits(q - int_range(self.bits)[0], self.bits)
+        out = {"qweight": q, "scales": scales}
         out |= {} if zeros is None else {"zeros": zeros}
         return out if self.bias is None else out | {"bias": self.bias}
 
     def _set_portable(self, tensors: dict[str, Tensor], device: torch.device) -> None:
         q = tensors["qweight"].to(device)
-        if self.bits == 4:
-            q = torch.stack([q & 15, q >> 4], -1).flatten(1)
-        zeros = tensors["zeros"].to(device).float() if self.bits == 4 else None
+        if self.bits != 8:
+            q = unpack_bits(q, self.bits) + int_range(self.bits)[0]
+        zeros = tensors["zeros"].to(device).float() if self.bits != 8 else None
         self.set_values(q.int(), tensors["scales"].to(device).float(), zeros,
                         tensors["bias"].to(device) if "bias" in tensors else None)
 
@@ -564,9 +614,9 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         groups = self.in_features // self.group_size
-        expected = {"qweight": (self.out_features, self.in_features // (2 if self.bits == 4 else 1)),
+        expected = {"qweight": (self.out_features, self.in_features * self.bits // 8),
                     "scales": (self.out_features, groups)}
-        expected |= {"zeros": (self.out_features, groups)} if self.bits == 4 else {}
+        expected |= {"zeros": (self.out_features, groups)} if self.bits != 8 else {}
         expected |= {} if self.bias is None else {"bias": (self.out_features,)}
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         missing_keys.extend(prefix + k for k in expected if k not in mine)

@@ -2,11 +2,15 @@
 
     peer = LlamaCpp.from_gguf(path, "q4_0")   # llama.cpp (llama-cpp-python): the GGUF requantized to Q4_0
     run = peer.run(ids, new_tokens)           # a callable -> [prefill ms, step ms, ...], as bench.fast_run
+    bnb_quantize_(model, "nf4")               # bitsandbytes, as transformers' BitsAndBytesConfig loads a model
 
 A peer's run decodes greedily from the same prompt token ids as fastllama's fast path and returns the same
 per-token timings, so `bench.compare` interleaves it with fastllama in one process (A, B, A, B, ...) and the
-perf suite and `fastllama bench --engine` judge both with one ruler. Peers are an optional extra
-(`pip install -e ".[peers]"`), imported lazily with an error naming the extra when missing.
+perf suite and `fastllama bench --engine` judge both with one ruler. bitsandbytes is a peer of another kind: a
+model whose linears are its modules, which the recipes `bnb8` and `nf4` make (the step `bnb:type=int8|nf4`), so
+`fastllama report` measures it as a row like any other (decoding on plain `generate`, see `bench.decode_path`).
+Peers are an optional extra (`pip install -e ".[peers]"`), imported lazily with an error naming the extra when
+missing.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                    "f16": "LLAMA_FTYPE_MOSTLY_F16", "f32": "LLAMA_FTYPE_ALL_F32"}
 CACHE = Path(os.environ.get("FASTLLAMA_CACHE", Path.home() / ".cache" / "fastllama"))
+# bitsandbytes' types by the recipe's name: the arguments of transformers' BitsAndBytesConfig that load them
+BNB_TYPES = {"int8": {"load_in_8bit": True}, "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}
 
 
 def _llama_cpp():
@@ -110,3 +118,41 @@ class LlamaCpp:
             return [(b - a) * 1000 for a, b in zip(marks, marks[1:])]
 
         return run
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError("bitsandbytes is a peer of the optional extra: pip install -e '.[peers]' (bitsandbytes "
+                          ">= 0.50, whose CPU backend runs these rows)") from e
+    return bitsandbytes
+
+
+def bnb_quantize_(model: nn.Module, kind: str) -> nn.Module:
+    """Quantize the decoder's linears of `model` in place as transformers' `from_pretrained(...,
+    quantization_config=BitsAndBytesConfig(**BNB_TYPES[kind]))` quantizes a checkpoint at load; returns `model`.
+
+    transformers' own `replace_with_bnb_linear` swaps in bitsandbytes' Linear8bitLt (int8, per-row absmax, its
+    outlier threshold 6) or Linear4bit (NF4 blocks), and each weight is quantized as its loader quantizes a
+    checkpoint tensor: a bitsandbytes parameter of the float weight, moved to the weight's device. The head and
+    the embedding stay float, as transformers keeps the output embedding float."""
+    if kind not in BNB_TYPES:
+        raise ValueError(f"unknown bitsandbytes type {kind!r}; valid: {', '.join(BNB_TYPES)}")
+    bnb = _bitsandbytes()
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    floats = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    body = {name: m for name, m in floats.items() if name.startswith("model.layers.")}
+    keep = [re.escape(name) for name in floats if name not in body]
+    replace_with_bnb_linear(model, keep, BitsAndBytesConfig(**BNB_TYPES[kind]))
+    param = bnb.nn.Int8Params if kind == "int8" else bnb.nn.Params4bit
+    for name, linear in body.items():
+        module = model.get_submodule(name).train(linear.training)  # built in training mode, which int8 reads
+        kwargs = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
+        module.weight = param(linear.weight.data.to("cpu"), requires_grad=False, **kwargs).to(linear.weight.device)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    log.info("bitsandbytes %s: %d linears", kind, len(body))
+    return model

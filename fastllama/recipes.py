@@ -13,6 +13,8 @@ A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset 
     drop:layers=4                                                   drop the 4 most redundant layers (calibration)
     head:bits=8                                                     round-to-nearest of the output head alone
     cast:dtype=bf16                                                 cast the float weights (bf16, fp16, fp32)
+    bnb:type=int8                                                   bitsandbytes' int8 or nf4, as transformers'
+                                                                    BitsAndBytesConfig loads (the last step; peers)
 
 `auto` (in `head:bits=auto` and `cast:dtype=auto`) is decided by `fastllama.hardware.policy` for the device the
 model is on when it is compressed: on a GPU the head stays float and float parts are bf16; on a CPU the head is
@@ -20,6 +22,9 @@ int8 and float parts are bf16 where the CPU computes bf16 natively, else float32
 
 Quantize-then-prune is one recipe, e.g. `gptq:bits=4,group=128 + prune:input=0.10`: the pruned linears stay
 quantized (see fastllama.nn). Omitted keys take their defaults; presets (PRESETS) may be combined with steps.
+GPTQ and round-to-nearest take bits=2, 3 or 4 (groups, on the int4 kernel: see fastllama.nn.int_range) or 8.
+bitsandbytes quantizes at load, as transformers does: a checkpoint holds the model before a `bnb` step and applies
+the step when loaded (see `Recipe.split_at_load`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,19 @@ PRESETS = {  # the reference study's recipes, and a few more
     "int8wo": f"int8wo + {AUTO}",
     "rtn4": f"rtn:bits=4,group=128 + {AUTO}",
     "rtn8": f"rtn:bits=8 + {AUTO}",
+    # below 4 bits, on the int4 kernel: small groups, as the few levels make the group's range the error's scale.
+    # Round-to-nearest on the embedded model's linears measured 8.1 / 6.7 / 6.4 dB weight SQNR at 2 bits in groups of
+    # 32 / 64 / 128, and 15.8 / 14.2 / 13.9 dB at 3 bits; a group of 32 costs 1 bit a weight on disk (bfloat16 scale
+    # and zero), 64 half a bit. 2-bit takes 32, its best (3 bits a weight in all); 3-bit takes 64 (3.5 bits a weight),
+    # as 32 would store 4, hardly less than 4-bit in groups of 64 (4.5).
+    "gptq3": f"gptq:bits=3,group=64,act_order=true,clip=true + {AUTO}",
+    "gptq2": f"gptq:bits=2,group=32,act_order=true,clip=true + {AUTO}",
+    # the layer-pruning study's dropping; `drop4+int8wo` (these two presets joined) adds its int8 weight-only
+    "drop4": "drop:layers=4",
+    # the peers a user would pick instead (the optional extra): bitsandbytes as transformers loads it, the float
+    # parts in the policy's dtype and the head float, as transformers keeps it
+    "bnb8": "cast:dtype=auto + bnb:type=int8",
+    "nf4": "cast:dtype=auto + bnb:type=nf4",
     "prune-mlp25": "prune:mlp=0.25",
     # activation-aware (|W| x the calibration inputs' norm): keeps the channels that carry massive activations,
     # which L1 removes (tests/accuracy bound both on the embedded model)
@@ -115,6 +133,20 @@ class HeadStep:
             raise ValueError(f"head:bits={self.bits!r}; valid: 4, 8, none, auto")
 
 
+@dataclass
+class BnbStep:
+    """bitsandbytes' quantization of the decoder's linears, as transformers' BitsAndBytesConfig loads a model
+    (fastllama.peers.bnb_quantize_); the recipe's last step, as its linears are bitsandbytes' own."""
+
+    type: str = "int8"  # int8 (LLM.int8(), load_in_8bit) or nf4 (load_in_4bit, bnb_4bit_quant_type="nf4")
+
+    def __post_init__(self):
+        from .peers import BNB_TYPES
+
+        if self.type not in BNB_TYPES:
+            raise ValueError(f"bnb:type={self.type!r}; valid: {', '.join(BNB_TYPES)}")
+
+
 # step name -> (dataclass, {recipe key: field}); prune's amount is keyed by its dim (prune:input=0.1)
 STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "gptq": (GPTQConfig, {"bits": "bits", "group": "group_size", "act_order": "act_order", "damp": "damp",
@@ -125,15 +157,21 @@ STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "drop": (DropStep, {"layers": "layers"}),
     "head": (HeadStep, {"bits": "bits"}),
     "cast": (CastStep, {"dtype": "dtype"}),
+    "bnb": (BnbStep, {"type": "type"}),
 }
-Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep
+Step = GPTQConfig | RTNConfig | PruneStep | DropStep | HeadStep | CastStep | BnbStep
 
 
 @dataclass
 class Recipe:
     """Steps applied in order by `compress`; `str()` gives the full recipe text, which parses back to it."""
 
-    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep
+    steps: list[Step]  # quantization configs, PruneStep, DropStep, HeadStep, CastStep, BnbStep (last)
+
+    def __post_init__(self):
+        if any(isinstance(s, BnbStep) for s in self.steps[:-1]):
+            raise ValueError(f"{self}: a bnb step must come last (its linears are bitsandbytes' own, which no other "
+                             "step takes); move it to the end")
 
     @property
     def needs_calibration(self) -> bool:
@@ -143,6 +181,12 @@ class Recipe:
 
     def __str__(self) -> str:
         return " + ".join(_format_step(s) for s in self.steps)
+
+    def split_at_load(self) -> tuple[Recipe, Recipe]:
+        """(the steps a checkpoint holds the result of, the steps it applies when loaded): a trailing bnb step is
+        applied at load, as transformers quantizes with bitsandbytes when it loads a model (see checkpoint.save)."""
+        cut = len(self.steps) - bool(self.steps and isinstance(self.steps[-1], BnbStep))
+        return Recipe(self.steps[:cut]), Recipe(self.steps[cut:])
 
 
 def _parse_value(text: str, kind: str, where: str):
@@ -230,6 +274,10 @@ def compress(model: nn.Module, recipe: str | Recipe, calib: Tensor | None = None
             prune_model(model, step.amount, step.dim, step.importance, calib)
         elif isinstance(step, DropStep):
             drop_layers(model, step.layers, calib)
+        elif isinstance(step, BnbStep):
+            from .peers import bnb_quantize_
+
+            bnb_quantize_(model, step.type)
         elif isinstance(step, HeadStep):
             bits = policy(_device(model)).head_bits if step.bits == "auto" else step.bits
             if bits not in (None, "none") and type(model.lm_head) is nn.Linear:  # a quantized head stays as it is

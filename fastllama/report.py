@@ -1,10 +1,10 @@
 """`fastllama report`: the reference study's tables for any model, from one command.
 
 For each recipe: compress the model (cached under the output folder), then measure decode speed and memory
-(`bench`), RACE accuracy (`evaluate_race`) and perplexity (`perplexity`). Writes `results.json`, `results.md` and
-`pareto.png`. Finished recipes are written to `results.partial.json` as they complete, so an interrupted run
-resumes from them when it measures under the same settings; a completed run re-measures every recipe on the next
-call but never re-quantizes.
+(`bench`), RACE accuracy (`evaluate_race`), perplexity (`perplexity`) and any lm-eval tasks named
+(`lm_eval_tasks`). Writes `results.json`, `results.md` and `pareto.png`. Finished recipes are written to
+`results.partial.json` as they complete, so an interrupted run resumes from them when it measures under the same
+settings; a completed run re-measures every recipe on the next call but never re-quantizes.
 
 Reading the results needs three things beside the numbers, and the report gives them:
 - the machine (`fastllama.hardware`) and its load average around each row's timing: a busy machine's speed
@@ -52,6 +52,9 @@ class ReportConfig:
     prompt_len: int = 128                           # bench prompt tokens
     new_tokens: int = 64                            # bench new tokens
     floor: float = 0.50                             # accuracy floor drawn on the plot
+    tasks: tuple[str, ...] = ()                     # lm-eval tasks measured for each recipe, e.g. ("piqa",)
+    task_data: dict[str, str] = field(default_factory=dict)  # task -> folder of its splits (evaluate.local_task)
+    task_limit: int | None = None                   # lm-eval documents per task; None: all
     force: bool = False                             # rebuild models, drop partial results, allow another model's folder
 
 
@@ -65,6 +68,7 @@ class Row:
     model_gb: float | None = None
     race: dict[str, dict] = field(default_factory=dict)  # RACE by mode ("letter", "lm-eval"): RaceResult.summary()
     ppl: float | None = None
+    tasks: dict[str, dict] = field(default_factory=dict)  # lm-eval task -> its metrics, keyed as lm-eval keys them
     pruned: dict[str, float] = field(default_factory=dict)  # share of channels removed, e.g. {"input/576": 0.111}
     load: float | None = None             # the highest 1-minute load average read just before and after timing
     speedup: float | None = None          # tokens/s over the first recipe's
@@ -139,17 +143,26 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
     lines += [f"> **Warning:** {w}" for w in meta.get("warnings", [])] + ([""] if meta.get("warnings") else [])
     race_cols = [f"RACE {mode} acc (95% CI)" + (", plotted" if len(modes) > 1 and mode == plotted else "")
                  for mode in modes]
+    tasks = {t: _headline(r.tasks[t]) for t in meta.get("tasks", []) for r in rows if r.tasks.get(t)}
+    task_cols = [f"{t} {key.partition(',')[0]}" + ("" if key.endswith(",none") else f" ({key.partition(',')[2]})")
+                 for t, key in tasks.items()]
     cols = ["recipe", "median latency (ms/token)", "tokens/s", "peak memory (GB)", *race_cols, "perplexity",
-            "model size (GB)", "speedup", "pruned"]
+            *task_cols, "model size (GB)", "speedup", "pruned"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base_ppl = rows[0].ppl if rows else None
     for r in rows:
         cells = [r.recipe, _fmt(r.tpot_ms, ".2f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.peak_mem_gb, ".3g"),
-                 *(_fmt_acc(r, mode) for mode in modes), fmt_ppl(r.ppl, base_ppl), _fmt(r.model_gb, ".3g"),
+                 *(_fmt_acc(r, mode) for mode in modes), fmt_ppl(r.ppl, base_ppl),
+                 *(_fmt(r.tasks.get(t, {}).get(key), ".1%") for t, key in tasks.items()), _fmt(r.model_gb, ".3g"),
                  "—" if r.speedup is None else f"{r.speedup:.2f}×", _fmt_pruned(r.pruned)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = meta.get("notes") or []
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def _headline(metrics: dict) -> str:
+    """The key of a task's first metric (lm-eval lists a task's main one first: acc, exact_match,strict-match)."""
+    return next(k for k in metrics if "_stderr" not in k)
 
 
 def write_results(out: Path, rows: list[Row], meta: dict, name: str = "results.json") -> Path:
@@ -276,10 +289,12 @@ def _meta(cfg: ReportConfig, device: str) -> dict:
     from .hardware import machine
 
     return {"model": cfg.model, "recipes": list(cfg.recipes), "race_mode": cfg.mode, "race_modes": [cfg.mode],
+            "tasks": list(cfg.tasks),
             "machine": asdict(machine(device)),
             # a partial row is reused only if it was measured under all of these
             "measured_under": {"model": cfg.model, "device": device, "data": cfg.data, "limit": cfg.limit,
-                               "mode": cfg.mode, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens},
+                               "mode": cfg.mode, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+                               "tasks": list(cfg.tasks), "task_data": cfg.task_data, "task_limit": cfg.task_limit},
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "fastllama": __version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "notes": [], "warnings": []}
@@ -336,7 +351,7 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
             model = load(built[str(Recipe(recipe.steps[:prefix]))], device=device)[0]
         else:
             model = copy.deepcopy(base)
-        rest = Recipe(recipe.steps[prefix:])
+        rest, at_load = Recipe(recipe.steps[prefix:]).split_at_load()  # a bnb step applies at load
         source = read_meta(built[str(Recipe(recipe.steps[:prefix]))]).get("calibration") if prefix else None
         if rest.needs_calibration:
             if calib is None:
@@ -346,17 +361,19 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
         t0 = time.perf_counter()
         model = compress(model, rest, calib=calib, tokenizer=tok)
         log.info("%s: compressed in %.1f s", name, time.perf_counter() - t0)
-        save(model, folders[name], tokenizer=tok, recipe=str(recipe), calibration=source)
+        save(model, folders[name], tokenizer=tok, recipe=str(recipe), calibration=source, at_load=at_load)
         built[str(recipe)] = folders[name]
         del model
     return folders
 
 
 def measure(folder: Path, device: str, data: str | None, limit: int | None, mode: str, prompt_len: int,
-            new_tokens: int) -> dict:
-    """Bench, RACE and perplexity of one saved model, the load average around the bench and the share of
-    channels pruning removed. Runs in a fresh process (see `_fresh`), so peak memory belongs to this model
-    alone: it is read right after the bench, before evaluation allocates its batches."""
+            new_tokens: int, tasks: tuple[str, ...] = (), task_data: dict[str, str] | None = None,
+            task_limit: int | None = None) -> dict:
+    """Bench, RACE, perplexity and the lm-eval `tasks` (each one's numeric metrics) of one saved model, the load
+    average around the bench and the share of channels pruning removed. Runs in a fresh process (see `_fresh`), so
+    peak memory belongs to this model alone: it is read right after the bench, before evaluation allocates its
+    batches."""
     from .bench import bench
     from .checkpoint import load
     from .data import PPL_TEXT
@@ -373,6 +390,11 @@ def measure(folder: Path, device: str, data: str | None, limit: int | None, mode
     m["mlp_width"] = getattr(model.config, "intermediate_size", None)  # narrower where pruning folded MLP channels
     if tok is not None:
         m |= {"race": _race(model, tok, data, limit, mode), "ppl": perplexity(model, tok, PPL_TEXT.read_text())}
+        if tasks:
+            from .evaluate import lm_eval_tasks
+
+            results = lm_eval_tasks(model, tok, tasks, limit=task_limit, data=task_data)["results"]
+            m["tasks"] = {t: {k: v for k, v in results[t].items() if "," in k} for t in tasks}  # metric,filter
     return m
 
 
@@ -395,7 +417,8 @@ def _row(name: str, m: dict, device: str) -> Row:
     race = m.pop("race", None)
     return Row(name, tpot_ms=m["tpot_ms"], tokens_per_s=m["tokens_per_s"], ttft_ms=m["ttft_ms"],
                peak_mem_gb=m["peak_mem_gb"] if device.startswith("cuda") else m["peak_rss_gb"], model_gb=m["model_gb"],
-               race={race["mode"]: race} if race else {}, ppl=m.pop("ppl", None), pruned=m.pop("pruned"),
+               race={race["mode"]: race} if race else {}, ppl=m.pop("ppl", None), tasks=m.pop("tasks", {}),
+               pruned=m.pop("pruned"),
                load=m.pop("load"), extra=m)
 
 
@@ -450,6 +473,11 @@ def _notes(rows: list[Row], meta: dict) -> None:
         notes.append("no tokenizer (random-weight model): RACE accuracy and perplexity are not measured")
     notes.append("peak memory: " + ("torch.cuda.max_memory_allocated during decode" if device.startswith("cuda") else
                                     "peak RSS while decoding (reset after loading), in a fresh process per recipe"))
+    plain = [r.recipe for r in rows if r.extra.get("path") == "plain generate"]
+    if plain:
+        notes.append(f"decode path: {', '.join(plain)} decoded on plain transformers generate, as their users run "
+                     "them (bitsandbytes' layers are not on fastllama's fast path); every other recipe on fastllama's "
+                     "fast path")
     if any(collapsed(r.ppl, rows[0].ppl) for r in rows):
         notes.append(f"perplexity (collapsed): over {COLLAPSED:g}× the base's ({rows[0].ppl:.2f}); the recipe has "
                      "lost the model's language ability, whatever its RACE accuracy")
@@ -487,7 +515,8 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     for name in tqdm(names, desc="measure", unit="recipe"):
         if name not in done:
             done[name] = _row(name, _fresh(measure, folders[name], device, cfg.data, cfg.limit, cfg.mode,
-                                           cfg.prompt_len, cfg.new_tokens), device)
+                                           cfg.prompt_len, cfg.new_tokens, cfg.tasks, cfg.task_data, cfg.task_limit),
+                              device)
         rows.append(done[name])
         write_results(cfg.out, rows, meta, name=partial.name)
     if cfg.mode == "letter" and at_chance(rows[0]):

@@ -74,3 +74,27 @@ def embedded():
     Tests must not modify it: deep-copy it first (copy.deepcopy) when compressing.
     """
     return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def train_tokenizer():
+    """`train_tokenizer(texts, bos)`: a small byte-level BPE trained offline on the texts (see `_train_tokenizer`)."""
+    return _train_tokenizer
+
+
+def _train_tokenizer(texts: list[str], bos: bool, vocab_size: int = 400):
+    """A small byte-level BPE trained offline on `texts` (a fast tokenizer, as Hugging Face models have); with `bos`,
+    every encoding starts with <s> (as Llama-3's does), else nothing is added (as SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

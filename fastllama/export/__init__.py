@@ -40,8 +40,8 @@ class DenseWeight:
     weight: Tensor | None  # the float weight (float32), or None when quantized
     q: Tensor | None = None  # the integer values [out, in] (int32)
     scales: Tensor | None = None  # [out, in / group_size] (float32)
-    zeros: Tensor | None = None  # [out, in / group_size], the value at q = 8 (4-bit only)
-    bits: int = 0  # 4 or 8 when quantized
+    zeros: Tensor | None = None  # [out, in / group_size], the value at q = 8 (below 8 bits)
+    bits: int = 0  # 2, 3, 4 or 8 when quantized
     group_size: int = 0  # input channels per scale
     bias: Tensor | None = None  # [out] or None
 
@@ -72,7 +72,7 @@ def widen(w: DenseWeight, dim: int, keep: Tensor, size: int) -> DenseWeight:
         None if t is None else _scatter(t, dim, index, n, fill))
     if w.weight is not None:
         return replace(w, weight=scatter(w.weight), bias=scatter(w.bias) if dim == 0 else w.bias)
-    q = scatter(w.q, fill=8 if w.bits == 4 else 0)
+    q = scatter(w.q, fill=8 if w.bits != 8 else 0)
     if dim == 0:
         return replace(w, q=q, scales=scatter(w.scales), zeros=scatter(w.zeros), bias=scatter(w.bias))
     if w.bits == 8:  # one scale per row, untouched

@@ -49,6 +49,9 @@ COLUMN_PARALLEL = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_a
 
 def pack(w: DenseWeight, name: str) -> dict[str, Tensor]:
     """`weight_packed`, `weight_scale` and `weight_shape` of a quantized dense weight (pack-quantized)."""
+    if w.bits not in (4, 8):
+        raise ValueError(f"{name}: {w.bits}-bit weights have no form here (W4A16 and W8A16 only); quantize with "
+                         "bits=4,grid=sym or bits=8")
     if w.bits == 4 and w.zeros.any():
         raise ValueError(f"{name}: the kernels' asymmetric 4-bit grid (a float zero per group) has no compressed-"
                          "tensors form (its zero points are integers); quantize with grid=sym, e.g. "

@@ -27,7 +27,7 @@ def test_every_metric_is_reported(tiny_model):
     assert m["peak_rss_gb"] > 0 and m["model_gb"] == pytest.approx(model_gb(tiny_model))
     # on the CPU there is no allocator peak, no NVML and no known peak bandwidth
     assert (m["peak_mem_gb"], m["nvml_mem_gb"], m["bandwidth_frac"]) == (None, None, None)
-    assert m["device"].startswith("cpu") and m["compiled"] is False
+    assert m["device"].startswith("cpu") and m["compiled"] is False and m["path"] == "fast"
 
 
 def test_hf_baseline_is_timed_interleaved(tiny_model, monkeypatch):
@@ -40,6 +40,25 @@ def test_hf_baseline_is_timed_interleaved(tiny_model, monkeypatch):
     m = bench(tiny_model, prompt_len=8, new_tokens=4, runs=2, baseline="hf")
     assert order == ["fast"] * 3 + ["fast", "hf"] * 3  # timing alone (warm-up + 2), then interleaved
     assert m["hf_tpot_ms"] > 0 and m["hf_ttft_ms"] > 0 and m["speedup"] > 0
+
+
+class ForeignLinear(torch.nn.Linear):
+    """A linear of another library (as bitsandbytes' layers subclass nn.Linear), which the fast path does not know."""
+
+
+def test_a_model_with_foreign_linears_decodes_on_plain_generate(tiny_model, monkeypatch):
+    from fastllama import bench as b
+    from fastllama.bench import decode_path
+
+    assert decode_path(tiny_model) == "fast" and decode_path(quantize_(tiny_model, RTNConfig(group_size=32))) == "fast"
+    mlp = tiny_model.model.layers[1].mlp
+    mlp.up_proj = ForeignLinear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    assert decode_path(tiny_model) == "plain generate"
+    monkeypatch.setattr(b, "fast_run", lambda *a: pytest.fail("the fast path ran"))
+    m = bench(tiny_model, prompt_len=8, new_tokens=4, runs=2)
+    assert m["path"] == "plain generate" and m["compiled"] is False and m["tpot_ms"] > 0
+    with pytest.raises(ValueError, match="decodes on plain generate already: baseline='hf' would time it against"):
+        bench(tiny_model, prompt_len=8, new_tokens=4, runs=2, baseline="hf")
 
 
 def test_plain_generate_gives_one_interval_per_new_token(tiny_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -11,7 +12,8 @@ import torch
 from fastllama.checkpoint import META_FILE, WEIGHTS_FILE, load, save
 from fastllama.gptq import RTNConfig, quantize_
 from fastllama.models import load_model
-from fastllama.recipes import compress
+from fastllama.nn import QuantLinear
+from fastllama.recipes import compress, parse_recipe
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +38,8 @@ def logits(model) -> torch.Tensor:
     "prune:heads=0.5",
     "drop:layers=1",
     "rtn4 + prune:mlp=0.5 + bf16",
+    "gptq:bits=2,group=32",
+    "rtn:bits=3,group=64 + prune:input=0.25",
 ])
 def test_round_trip_is_bit_identical(tiny_model, tmp_path, recipe):
     compress(tiny_model, recipe, torch.randint(0, 512, (2, 16)))
@@ -46,6 +50,50 @@ def test_round_trip_is_bit_identical(tiny_model, tmp_path, recipe):
     assert torch.equal(logits(model), expected)
     assert str(model) == str(tiny_model)
     assert json.loads((tmp_path / META_FILE).read_text())["recipe"] == recipe
+
+
+def test_2_and_3_bit_weights_are_stored_at_their_width(tiny_model, tmp_path):
+    """Below 4 bits the integers are stored packed at their width (2-bit 4 a byte, 3-bit 8 in 3 bytes), so the file
+    is smaller than the 4-bit one's by (4 - bits)/8 bytes a quantized weight, the grids being the same size."""
+    from safetensors import safe_open
+
+    sizes, weights = {}, 0
+    for bits in (2, 3, 4):
+        model = compress(copy.deepcopy(tiny_model), f"rtn:bits={bits},group=32")
+        save(model, tmp_path / str(bits))
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        with safe_open(tmp_path / str(bits) / WEIGHTS_FILE, "pt") as f:
+            for name, m in quantized.items():
+                assert f.get_slice(f"{name}.qweight").get_shape() == [m.out_features, m.in_features * bits // 8]
+        weights = sum(m.in_features * m.out_features for m in quantized.values())
+        sizes[bits] = (tmp_path / str(bits) / WEIGHTS_FILE).stat().st_size
+        assert torch.equal(logits(load(tmp_path / str(bits))[0]), logits(model))
+    assert sizes[2] < sizes[3] < sizes[4]
+    for bits in (2, 3):  # the safetensors headers differ only in a few digits of shapes and offsets
+        assert abs(sizes[4] - sizes[bits] - weights * (4 - bits) // 8) < 1024
+
+
+def test_steps_saved_at_load_are_applied_when_loading(tiny_model, tmp_path):
+    """A checkpoint holds the model before its `at_load` steps (a bnb step: bitsandbytes quantizes at load) and
+    applies them when loaded; `Recipe.split_at_load` splits a recipe so."""
+    body, at_load = parse_recipe("rtn:bits=4,group=32 + bnb:type=nf4").split_at_load()
+    assert str(body) == "rtn:bits=4,group=32,lm_head=false" and str(at_load) == "bnb:type=nf4"
+    assert parse_recipe("gptq4").split_at_load()[1].steps == []
+    save(tiny_model, tmp_path, recipe="int8wo:lm_head=false", at_load="int8wo:lm_head=false")  # any steps apply
+    assert json.loads((tmp_path / META_FILE).read_text())["at_load"] == "int8wo:lm_head=false"
+    model, _ = load(tmp_path)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert torch.equal(logits(model), logits(compress(tiny_model, "int8wo:lm_head=false")))
+
+
+def test_a_linear_of_another_library_is_not_saved(tiny_model, tmp_path):
+    class ForeignLinear(torch.nn.Linear):  # as bitsandbytes' layers subclass nn.Linear
+        pass
+
+    tiny_model.model.layers[0].mlp.up_proj = ForeignLinear(128, 256, bias=False)
+    with pytest.raises(ValueError, match="cannot save model.layers.0.mlp.up_proj, a ForeignLinear: bitsandbytes "
+                                         "quantizes at load, so save the model before its bnb step"):
+        save(tiny_model, tmp_path)
 
 
 def test_the_model_spec_of_a_saved_directory_loads_it(tiny_model, tmp_path):

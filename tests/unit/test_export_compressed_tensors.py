@@ -133,6 +133,12 @@ def test_kernel_4bit_grid_is_refused(tiny_model, tmp_path):
         export(model, None, "compressed-tensors", tmp_path / "m")
 
 
+def test_widths_below_4_bits_are_refused(tiny_model, tmp_path):
+    model = compress(tiny_model, "rtn:bits=3,group=64,grid=sym")
+    with pytest.raises(ValueError, match="3-bit weights have no form here"):
+        export(model, None, "compressed-tensors", tmp_path / "m")
+
+
 def test_fused_linears_need_one_scheme(tiny_model, tmp_path):
     attn = tiny_model.model.layers[0].self_attn
     attn.q_proj = QuantLinear.from_float(attn.q_proj, 4, 64, "sym")

@@ -32,7 +32,7 @@ def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     w = weight.reshape(weight.shape[0], -1, group)
     scale, zero = quant_grid(w, bits)
     zero = None if zero is None else zero[..., None]
-    return dequantize_values(quantize_values(w, scale[..., None], zero), scale[..., None], zero).flatten(1)
+    return dequantize_values(quantize_values(w, scale[..., None], zero, bits), scale[..., None], zero).flatten(1)
 
 
 def reconstruction(weight, q, scales, zeros, group, x) -> float:
@@ -69,7 +69,7 @@ def reference_gptq(weight, H, bits: int, group: int, act_order: bool, damp: floa
     H += damp * H.diag().mean() * torch.eye(cols)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
-    block = max(block, group) if bits == 4 else block
+    block = max(block, group) if bits != 8 else block
     for b1 in range(0, cols, block):
         b2 = min(b1 + block, cols)
         err = torch.zeros(out, b2 - b1)
@@ -77,12 +77,12 @@ def reference_gptq(weight, H, bits: int, group: int, act_order: bool, damp: floa
             col = int(perm[i])
             if not static and col % group == 0:
                 set_grid(col // group, W[:, i:i + group])
-            scale, zero = scales[:, col // group], zeros[:, col // group] if bits == 4 else None
-            Q[:, i] = quantize_values(W[:, i], scale, zero)
+            scale, zero = scales[:, col // group], zeros[:, col // group] if bits != 8 else None
+            Q[:, i] = quantize_values(W[:, i], scale, zero, bits)
             err[:, i - b1] = (W[:, i] - dequantize_values(Q[:, i], scale, zero)) / Hinv[i, i]
             W[:, i:b2] -= err[:, i - b1, None] * Hinv[i, i:b2][None, :]
         W[:, b2:] -= err @ Hinv[b1:b2, b2:]
-    return Q[:, torch.argsort(perm)].int(), scales, zeros if bits == 4 else None
+    return Q[:, torch.argsort(perm)].int(), scales, zeros if bits != 8 else None
 
 
 @settings(max_examples=16, deadline=None)
@@ -125,7 +125,7 @@ def test_gptq_reconstructs_better_than_rtn(bits, group, groups, out, act_order, 
 def weighted_error(w, importance, bits, scale, zero):
     """Σ importance·(ŵ - w)² of each row of w [..., g] rounded on the grid (scale, zero) [...]."""
     s, z = scale[..., None], None if zero is None else zero[..., None]
-    return ((dequantize_values(quantize_values(w, s, z), s, z) - w).square() * importance).sum(-1)
+    return ((dequantize_values(quantize_values(w, s, z, bits), s, z) - w).square() * importance).sum(-1)
 
 
 @pytest.mark.parametrize("bits, grid", [(4, "kernel"), (8, "kernel"), (4, "q4_0"), (8, "q8_0")])
@@ -189,7 +189,7 @@ def test_dead_inputs_land_on_the_grid_value_nearest_zero(bits, act_order):
     q, scales, zeros = gptq_quantize(weight, 2 * x.T @ x, bits, group, act_order)
     scale, zero = scales[:, 0], None if zeros is None else zeros[:, 0]
     dead = dequantize_values(q[:, 5].float(), scale, zero)
-    assert torch.equal(dead, dequantize_values(quantize_values(torch.zeros(16), scale, zero), scale, zero))
+    assert torch.equal(dead, dequantize_values(quantize_values(torch.zeros(16), scale, zero, bits), scale, zero))
     levels = torch.arange(16.0) if bits == 4 else torch.arange(-128.0, 128.0)
     grid = dequantize_values(levels[:, None], scale, zero)  # [levels, out]: every value of each row's grid
     assert torch.equal(dead.abs(), grid.abs().amin(0))
@@ -268,7 +268,7 @@ def test_group_falls_back_to_one_dividing_in_features(caplog):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bits=3), "bits=3 is not supported; valid: 4"),
+    (dict(bits=5), "bits=5 is not supported; valid: 2, 3, 4"),
     (dict(bits=4, group_size=100), "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     (dict(damp=0.0), "damp=0.0 must lie in"),
 ])
@@ -310,3 +310,28 @@ def test_rtn_and_gptq_take_the_sym_grid(tiny_model, config):
 def test_an_unknown_grid_is_refused():
     with pytest.raises(ValueError, match="sym .any"):
         RTNConfig(bits=4, grid="asym")
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_below_4_bits_stays_within_its_levels_and_beats_rtn(bits, act_order):
+    """At 2 and 3 bits GPTQ rounds onto the 2^bits levels around 8 of the int4 kernel's grid (6..9, 4..11) and, on
+    correlated inputs, reconstructs the layer's outputs better than round-to-nearest on the same groups."""
+    features, group, out = 128, 32, 32
+    for seed in range(4):
+        torch.manual_seed(seed)
+        weight = torch.randn(out, features) / features ** 0.5
+        x = correlated_inputs(4 * features, features, seed)
+        H = 2 * x.T @ x / len(x)
+        q, scales, zeros = gptq_quantize(weight, H, bits, group, act_order=act_order)
+        lo, hi = {2: (6, 9), 3: (4, 11)}[bits]
+        assert q.min() >= lo and q.max() <= hi
+        gptq_err = reconstruction(weight, q, scales, zeros, group, x)
+        assert gptq_err < torch.linalg.norm(x @ (weight - rtn(weight, bits, group)).T).item()
+
+
+def test_gptq3_on_a_model_holds_3_bit_linears(tiny_model):
+    quantize_(tiny_model, GPTQConfig(bits=3, group_size=32), calib())
+    swapped = [m for m in tiny_model.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(swapped) == 7 * len(tiny_model.model.layers) and all(m.bits == 3 for m in swapped)
+    assert all(4 <= m.values()[0].min() and m.values()[0].max() <= 11 for m in swapped)

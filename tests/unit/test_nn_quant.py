@@ -22,24 +22,26 @@ from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, QuantLinear, from_spec, g
 pytestmark = pytest.mark.unit
 
 # SQNR bounds, derived. A min-max grid of L steps over a range R rounds each weight with an error uniform over a step
-# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 4-bit is asymmetric per group of g
-# inputs (R = max - min of the group, L = 15); 8-bit symmetric per row of n inputs (R = 2 max|w|, L = 254). The kernel
-# adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB against x @ Ŵ.T (400 seeds), whatever
-# the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the test's own estimate had means within
-# 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB) and, with 64 activation rows, a
-# standard deviation of at most 0.45 dB (16 outputs, the fewest). A bound 3 dB under the expectation is more than 6
-# standard deviations away: chance cannot break it, a grid off by one step does. The kernel's bound sits 6.6 dB (25
-# standard deviations) under its measured 52.6 dB.
+# Δ = R / L, of variance Δ²/12; for N(0, σ²) weights the SQNR is 12 L² σ² / E[R²]. 2-, 3- and 4-bit are asymmetric per
+# group of g inputs (R = max - min of the group, L = 2^bits - 1: 3, 7, 15); 8-bit symmetric per row of n inputs
+# (R = 2 max|w|, L = 254). The kernel adds the bfloat16 rounding of its activations and output: measured 52.6 ± 0.3 dB
+# against x @ Ŵ.T (400 seeds), whatever the grid. `expected_sqnr_db` combines both noises; over 1001 seeds per case the
+# test's own estimate had means within 0.3 dB of it (4-bit g=32..256: 22.2, 21.0, 20.0, 19.2 dB; 8-bit 44.6 to 41.9 dB)
+# and, with 64 activation rows, a standard deviation of at most 0.45 dB (16 outputs, the fewest). The uniform error
+# holds with as few as 4 levels: over 150 seeds per case, 2-bit (g=32..256: 8.1, 6.9, 6.0, 5.2 dB) and 3-bit (15.5,
+# 14.3, 13.4, 12.6 dB) means were within 0.3 dB of it too, standard deviations at most 0.27 dB. A bound 3 dB under the
+# expectation is more than 6 standard deviations away: chance cannot break it, a grid off by one step does. The
+# kernel's bound sits 6.6 dB (25 standard deviations) under its measured 52.6 dB.
 MARGIN_DB = 3.0
 KERNEL_NOISE = 10 ** -5.26  # the kernel's bfloat16 rounding, as a noise-to-signal power ratio (52.6 dB)
 KERNEL_SQNR_DB = 46.0
 
 
 def expected_sqnr_db(bits: int, n: int, draws: int = 8192) -> float:
-    """Expected SQNR (dB) of the kernel's output for N(0, 1) weights on a min-max grid over `n` of them (a 4-bit
+    """Expected SQNR (dB) of the kernel's output for N(0, 1) weights on a min-max grid over `n` of them (a 2- to 4-bit
     group, or an 8-bit row): 12 L² / E[R²] from `draws` seeded samples of the range R, plus the kernel's rounding."""
     w = torch.randn(draws, n, generator=torch.Generator().manual_seed(0))
-    steps, width = (15, w.amax(1) - w.amin(1)) if bits == 4 else (254, 2 * w.abs().amax(1))
+    steps, width = (2 ** bits - 1, w.amax(1) - w.amin(1)) if bits != 8 else (254, 2 * w.abs().amax(1))
     noise = (width ** 2).mean().item() / (12 * steps ** 2)
     return -10 * math.log10(noise + KERNEL_NOISE)
 
@@ -56,8 +58,17 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, seed: i
     return linear
 
 
+LEVELS = {2: (6, 9), 3: (4, 11), 4: (0, 15), 8: (-128, 127)}  # each width's integers on its kernel (see int_range)
+
+
+def unpack_bitstream(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The values a row of bytes holds as one little-endian bit stream, `bits` bits each, read bit by bit."""
+    stream = (packed.long()[..., None] >> torch.arange(8) & 1).flatten(1)  # bit k of a row is bit k % 8 of byte k // 8
+    return (stream.view(packed.shape[0], -1, bits) << torch.arange(bits)).sum(-1)
+
+
 layers = st.fixed_dictionaries({
-    "bits": st.sampled_from([4, 8]),
+    "bits": st.sampled_from([2, 3, 4, 8]),
     "group": st.sampled_from(INT4_GROUPS),
     "groups": st.integers(1, 3),
     "out": st.sampled_from([16, 48, 96]),
@@ -78,7 +89,7 @@ def test_sqnr_against_float_and_dequantized(p):
     with torch.no_grad():
         y, ref = q(x), linear(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
-    n = p["group"] if p["bits"] == 4 else linear.in_features  # the weights one grid spans
+    n = p["group"] if p["bits"] != 8 else linear.in_features  # the weights one grid spans
     assert sqnr(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
     assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
 
@@ -102,7 +113,7 @@ def test_sym_grid_is_exact_for_the_int4_kernel_at_any_group(group):
     d, zero = grid_for(w.view(32, -1, group), 4, "sym")
     assert torch.equal(d.bfloat16().float(), d) and torch.equal(d.half().float(), d)
     assert (d.abs() >= GGUF_MIN_SCALE).all()
-    q = quantize_values(w.view(32, -1, group), d[..., None], zero[..., None]).flatten(1)
+    q = quantize_values(w.view(32, -1, group), d[..., None], zero[..., None], 4).flatten(1)
     top = w.view(32, -1, group).abs().argmax(-1, keepdim=True)
     free = d.abs() > GGUF_MIN_SCALE  # not raised to the float16 floor: the largest magnitude sits on q = 0
     assert free.any() and (q.view(32, -1, group).gather(-1, top).squeeze(-1)[free] == 0).all()
@@ -110,22 +121,32 @@ def test_sym_grid_is_exact_for_the_int4_kernel_at_any_group(group):
     assert torch.equal(q2, q.int()) and torch.equal(d2, d) and not zero2.any() and (d < 0).any()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_grid_is_the_kernel_layout(bits):
-    """dequantize() is (q - 8)·scale + zero per group (4-bit) or q·scale per row (8-bit), from the portable form."""
+    """dequantize() is (q - 8)·scale + zero per group (2 to 4 bits) or q·scale per row (8-bit), from the portable
+    form: below 8 bits, `bits` bits a value in one bit stream per row (2-bit 4 a byte, 3-bit 8 in 3 bytes, 4-bit
+    nibble pairs), holding q minus the lowest of its 2^bits levels around 8; a min-max grid uses every level."""
     q = QuantLinear.from_float(make_linear(128, 32), bits, 32)
     state = q.state_dict()
     scales = state["scales"].float().repeat_interleave(q.group_size, 1)
-    if bits == 4:
-        values = torch.stack([state["qweight"] & 15, state["qweight"] >> 4], -1).flatten(1).float()
-        assert values.min() >= 0 and values.max() <= 15
+    lo, hi = LEVELS[bits]
+    if bits != 8:
+        assert state["qweight"].dtype == torch.uint8 and state["qweight"].shape == (32, 128 * bits // 8)
+        values = unpack_bitstream(state["qweight"], bits).float() + lo
         expected = (values - 8) * scales + state["zeros"].float().repeat_interleave(q.group_size, 1)
+        assert torch.equal(values, q.values()[0].float())
     else:
-        expected = state["qweight"].float() * scales
+        values = state["qweight"].float()
+        expected = values * scales
     torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=0)
+    if bits != 8:  # each group's min and max land on its lowest and highest level
+        groups = values.view(32, -1, q.group_size)
+        assert (groups.amin(-1) == lo).all() and (groups.amax(-1) == hi).all()
+    else:  # each row's largest magnitude lands on ±127
+        assert (values.abs().amax(1) == hi).all()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_state_dict_round_trip_is_bit_identical(bits):
     q = QuantLinear.from_float(make_linear(128, 48, bias=True), bits, 64)
     fresh = from_spec(to_spec(q))
@@ -155,20 +176,20 @@ def test_activations_of_any_float_dtype(dtype):
 
 
 @settings(max_examples=10, deadline=None)
-@given(bits=st.sampled_from([4, 8]), seed=st.integers(0, 100))
+@given(bits=st.sampled_from([2, 3, 4, 8]), seed=st.integers(0, 100))
 def test_select_rows_and_whole_groups(bits, seed):
     linear = make_linear(256, 64, bias=True, seed=seed)
     q = QuantLinear.from_float(linear, bits, 64)
     w = q.dequantize()
     rows = torch.randperm(64)[:32].sort().values
-    cols = torch.tensor([64 * g + i for g in (0, 2) for i in range(64)]) if bits == 4 else torch.arange(16, 53)
+    cols = torch.tensor([64 * g + i for g in (0, 2) for i in range(64)]) if bits != 8 else torch.arange(16, 53)
     by_rows, by_cols = q.select(0, rows), q.select(1, cols)
     assert torch.equal(by_rows.dequantize(), w[rows])
     assert torch.equal(by_cols.dequantize(), w[:, cols])
     assert torch.equal(by_rows.bias, q.bias[rows]) and torch.equal(by_cols.bias, q.bias)
     x = torch.randn(3, 256)
     assert torch.equal(by_rows(x), q(x)[:, rows])
-    assert (by_cols.bits, by_cols.group_size) == (bits, 64 if bits == 4 else 37)  # 8-bit: one group, the row
+    assert (by_cols.bits, by_cols.group_size) == (bits, 64 if bits != 8 else 37)  # 8-bit: one group, the row
 
 
 def test_select_columns_rejects_partial_groups():
@@ -187,7 +208,8 @@ def test_int8_in_granularity_is_one_column():
     assert torch.equal(q.select(1, cols).dequantize(), q.dequantize()[:, cols])
 
 
-@pytest.mark.parametrize("bits, shape", [(4, (64, 40)), (4, (96, 1)), (8, (100, 32)), (8, (37, 5))])
+@pytest.mark.parametrize("bits, shape", [(4, (64, 40)), (4, (96, 1)), (2, (64, 40)), (3, (96, 1)), (8, (100, 32)),
+                                         (8, (37, 5))])
 def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
     """int4 kernels need out_features, the int8 kernel in_features, divisible by 16: padded inside, invisibly."""
     linear = make_linear(*shape, bias=True)
@@ -201,8 +223,8 @@ def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
 
 
 @pytest.mark.parametrize("bits, group, shape, message", [
-    (3, 128, (128, 32), "bits=3 is not supported; valid: 4"),
-    (16, 128, (128, 32), "valid: 4"),
+    (5, 128, (128, 32), "bits=5 is not supported; valid: 2, 3, 4"),
+    (16, 128, (128, 32), "valid: 2, 3, 4"),
     (4, 100, (128, 32), "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     (4, 16, (128, 32), "valid: 32, 64, 128, 256"),
     (4, 128, (192, 32), "in_features=192 is not divisible by group_size=128; valid for this layer: 32, 64"),
@@ -297,10 +319,10 @@ def test_moving_a_loaded_4bit_model_never_reads_back_through_the_kernel(tiny_mod
 
 
 def test_cuda_kernel_matches_cpu(cuda):
-    """`.to("cuda")` repacks for tinygemm (4-bit) and the fused linear form (8-bit): the same integers and
+    """`.to("cuda")` repacks for tinygemm (2 to 4 bits) and the fused linear form (8-bit): the same integers and
     scales, the same outputs up to the kernels' bfloat16 rounding, compared with a CPU copy made before the move
     (Module.to moves in place and returns the module itself)."""
-    for bits in (4, 8):
+    for bits in (2, 3, 4, 8):
         on_cpu = QuantLinear.from_float(make_linear(576, 64, bias=True), bits, 64)
         state = on_cpu.state_dict()
         on_gpu = copy.deepcopy(on_cpu).to(cuda)

@@ -30,24 +30,6 @@ ROWS = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines
 LOGLIK_TOL = 1e-4
 
 
-def _tokenizer(bos: bool):
-    """A 400-token byte-level BPE trained on the test file; with `bos`, every encoding starts with <s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [t for row in ROWS for t in (row["article"], row["question"], *row["options"])]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
 def _lm_eval_requests(tmp_path: Path):
     """lm-eval's `race` task on the test file: one document per question, holding its article's questions up
     to it (lm-eval scores a document's last question), so every question is scored as fastllama scores it."""
@@ -70,13 +52,13 @@ def _lm_eval_requests(tmp_path: Path):
 
 
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
-def test_race_matches_lm_eval(tiny_model, tmp_path, bos):
+def test_race_matches_lm_eval(tiny_model, tmp_path, bos, train_tokenizer):
     from lm_eval.models.huggingface import HFLM
 
     task, instances = _lm_eval_requests(tmp_path)
     assert str(task.VERSION) == LM_EVAL_RACE_VERSION, "lm-eval's race task changed version: re-check lm_eval_prompt"
     assert any(row["question"].endswith("  _  .") for row in ROWS[:-1])  # blanks among earlier questions
-    tok = _tokenizer(bos)
+    tok = train_tokenizer([t for row in ROWS for t in (row["article"], row["question"], *row["options"])], bos)
     lm = HFLM(pretrained=tiny_model, tokenizer=tok, device="cpu", batch_size=4)
     result = evaluate_race(tiny_model, tok, DATA, mode="lm-eval")
     assert result.n == len(ROWS) and result.summary()["task_version"] == LM_EVAL_RACE_VERSION

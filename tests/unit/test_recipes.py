@@ -10,7 +10,8 @@ from torch import nn
 
 from fastllama.gptq import GPTQConfig, Int8WeightOnlyConfig, RTNConfig
 from fastllama.nn import PrunedInputLinear, QuantLinear
-from fastllama.recipes import PRESETS, CastStep, DropStep, HeadStep, PruneStep, Recipe, compress, parse_recipe
+from fastllama.recipes import (PRESETS, BnbStep, CastStep, DropStep, HeadStep, PruneStep, Recipe, compress,
+                               parse_recipe)
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +71,7 @@ def test_steps_with_keys_and_presets_combined():
 
 
 steps = st.one_of(
-    st.builds(GPTQConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
+    st.builds(GPTQConfig, bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
               act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans(),
               grid=st.sampled_from(["kernel", "sym"])),
     st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans(),
@@ -82,13 +83,14 @@ steps = st.one_of(
     st.builds(HeadStep, bits=st.sampled_from(["4", "8", "none", "auto"])),
     st.builds(CastStep, dtype=st.sampled_from(["bf16", "fp16", "fp32", "auto"])),
 )
+last_steps = st.lists(st.builds(BnbStep, type=st.sampled_from(["int8", "nf4"])), max_size=1)  # a bnb step comes last
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(steps, min_size=1, max_size=4))
-def test_text_round_trips(step_list):
+@given(st.lists(steps, min_size=1, max_size=4), last_steps)
+def test_text_round_trips(step_list, last):
     """str(recipe) is the full recipe text and parses back to the same steps (8-bit ignores its group)."""
-    recipe = Recipe(step_list)
+    recipe = Recipe(step_list + last)
     again = parse_recipe(str(recipe))
     assert str(again) == str(recipe)
     for a, b in zip(again.steps, recipe.steps):
@@ -98,9 +100,9 @@ def test_text_round_trips(step_list):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast; "
+    ("gptq5", "unknown recipe step 'gptq5'.*valid steps: gptq, rtn, int8wo, prune, drop, head, cast, bnb; "
               "presets: bf16, fp32, base, gptq4"),
-    ("gptq:bits=3", "bits=3 is not supported; valid: 4"),
+    ("gptq:bits=5", "bits=5 is not supported; valid: 2, 3, 4"),
     ("gptq:group=100", "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     ("gptq:bitz=4", "bad gptq argument 'bitz=4'; valid keys: bits=, group=, act_order=, damp=, lm_head="),
     ("gptq:bits", "bad gptq argument 'bits'"),
@@ -120,6 +122,24 @@ def test_text_round_trips(step_list):
 def test_bad_recipes_are_clear_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_recipe(text)
+
+
+def test_presets_below_4_bits_use_small_groups():
+    auto = [HeadStep("auto"), CastStep("auto")]
+    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64), *auto]
+    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32), *auto]
+    assert parse_recipe("rtn:bits=2,group=256").steps == [RTNConfig(bits=2, group_size=256)]
+
+
+def test_peer_presets_load_through_bitsandbytes_last():
+    auto = CastStep("auto")
+    assert parse_recipe("bnb8").steps == [auto, BnbStep("int8")]
+    assert parse_recipe("nf4").steps == [auto, BnbStep("nf4")]
+    assert parse_recipe("drop4 + bnb:type=nf4").steps == [DropStep(4), BnbStep("nf4")]
+    with pytest.raises(ValueError, match="a bnb step must come last"):
+        parse_recipe("nf4 + prune:input=0.1")
+    with pytest.raises(ValueError, match="bnb:type='int4'; valid: int8, nf4"):
+        parse_recipe("bnb:type=int4")
 
 
 def test_every_preset_parses():
@@ -159,6 +179,37 @@ def test_compress_gptq8_then_drop(tiny_model):
     assert all(type(m) is not nn.Linear for m in tiny_model.model.layers.modules())
 
 
+def test_drop4_int8wo_drops_the_closest_block_then_quantizes_the_rest(tiny_model):
+    """The layer-pruning study's recipe: the 4 layers dropping removes are those of the float model, and every
+    linear left is int8 weight-only on its float weight (within half a step), the head by the policy (int8 on a
+    CPU, float on a GPU), the float parts in the policy's dtype."""
+    from fastllama.drop import angular_distances
+    from fastllama.hardware import policy
+    from transformers import LlamaForCausalLM
+
+    assert parse_recipe("drop4+int8wo").steps == [DropStep(4), Int8WeightOnlyConfig(), HeadStep("auto"),
+                                                  CastStep("auto")]
+    config = tiny_model.config
+    config.num_hidden_layers = 6
+    model = LlamaForCausalLM(config).eval()
+    calib = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    start = int(angular_distances(model, calib, 4).argmin())
+    kept = [layer for i, layer in enumerate(model.model.layers) if not start <= i < start + 4]
+    floats = [{n: m.weight.detach().clone() for n, m in layer.named_modules() if type(m) is nn.Linear}
+              for layer in kept]
+    compress(model, "drop4+int8wo", calib)
+    assert list(model.model.layers) == kept and model.config.num_hidden_layers == 2
+    for layer, weights in zip(model.model.layers, floats):
+        for name, w in weights.items():
+            q = layer.get_submodule(name)
+            assert isinstance(q, QuantLinear) and q.bits == 8
+            assert ((q.dequantize() - w).abs() <= q.values()[1] / 2 * (1 + 2 ** -7)).all()  # half a bf16 step
+    rule = policy(torch.device("cpu"))
+    assert isinstance(model.lm_head, QuantLinear) == (rule.head_bits is not None)
+    assert model.model.embed_tokens.weight.dtype == getattr(torch, rule.float_dtype)
+    assert torch.isfinite(model(torch.randint(0, 512, (1, 8))).logits).all()
+
+
 def test_cast_step(tiny_model):
     compress(tiny_model, "bf16")
     assert tiny_model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -191,6 +242,18 @@ def test_cli_compress_saves_a_loadable_model(tmp_path, capsys):
     assert "rtn:bits=4,group=32,lm_head=false + prune:input=0.25,importance=l1:" in printed and "MB ->" in printed
     model, _ = load(out)
     assert isinstance(model.model.layers[0].self_attn.q_proj.inner, QuantLinear)
+
+
+def test_cli_compress_saves_a_bnb_recipe_to_quantize_at_load(tmp_path, capsys):
+    bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes: pip install -e '.[peers]'")
+    from fastllama.checkpoint import load, read_meta
+    from fastllama.cli import main
+
+    out = tmp_path / "m"
+    assert main(["compress", "--model", "random:tiny", "--recipe", "nf4", "--out", str(out)]) == 0
+    assert "cast:dtype=auto + bnb:type=nf4:" in capsys.readouterr().out
+    assert read_meta(out)["at_load"] == "bnb:type=nf4"
+    assert isinstance(load(out)[0].model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 
 
 def test_cli_compress_says_where_calibration_came_from(tmp_path, capsys, monkeypatch):

@@ -71,6 +71,16 @@ def test_perplexity_is_compact_and_collapse_is_marked(ppl, base, text):
     assert fmt_ppl(ppl, base) == text
 
 
+def test_lm_eval_tasks_are_columns_by_their_first_metric():
+    rows = [Row("bf16", tasks={"piqa": {"acc,none": 0.6, "acc_stderr,none": 0.02, "acc_norm,none": 0.61},
+                               "gsm8k": {"exact_match,strict-match": 0.125, "exact_match_stderr,strict-match": 0.01,
+                                         "exact_match,flexible-extract": 0.25}}),
+            Row("gptq4")]
+    md = to_markdown(rows, meta(tasks=["piqa", "gsm8k"]))
+    assert "| perplexity | piqa acc | gsm8k exact_match (strict-match) | model size (GB) |" in md
+    assert "| — | 60.0% | 12.5% |" in md and "| gptq4 | — | — | — | — | — | — | — |" in md
+
+
 def test_json_round_trip(tmp_path):
     path = write_results(tmp_path, ROWS, {"model": "m"})
     assert read_results(path) == (ROWS, {"model": "m"})
@@ -272,6 +282,22 @@ def test_report_end_to_end_on_tiny_caches_models_and_resumes(tmp_path):
     meta_file.write_text(meta_file.read_text().replace("rtn:bits=4", "rtn:bits=8"))
     _build(cfg, list(cfg.recipes), [parse_recipe(r) for r in cfg.recipes], "cpu")
     assert [p for p in cached if p.stat().st_mtime_ns != cached[p]] == [meta_file.parent / "model.safetensors"]
+
+
+def test_bitsandbytes_rows_are_measured_on_plain_generate(tmp_path):
+    """The peers' rows: cached as the model before bitsandbytes, which quantizes when each row's process loads it;
+    decoded on plain generate, said in a note; smaller than bf16 (int8 and NF4 decoder weights)."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes: pip install -e '.[peers]'")
+    from fastllama.checkpoint import read_meta
+
+    cfg = ReportConfig(model="random:tiny", recipes=("bf16", "bnb8", "nf4"), out=tmp_path, prompt_len=8,
+                       new_tokens=4, device="cpu")
+    rows, meta = run_report(cfg)
+    assert [r.extra["path"] for r in rows] == ["fast", "plain generate", "plain generate"]
+    assert all(r.tokens_per_s > 0 for r in rows) and rows[0].model_gb > rows[1].model_gb > rows[2].model_gb
+    assert read_meta(tmp_path / "models" / "nf4")["at_load"] == "bnb:type=nf4"
+    assert ("decode path: bnb8, nf4 decoded on plain transformers generate, as their users run them (bitsandbytes' "
+            "layers are not on fastllama's fast path)") in (tmp_path / "results.md").read_text()
 
 
 def test_calibration_source_is_read_from_the_checkpoints(tmp_path):

@@ -154,11 +154,9 @@ class _Clock:
 def decode_path(model: nn.Module) -> str:
     """"fast" (`Decoder`) where every linear is a plain `nn.Linear` or one of fastllama's swaps, else "plain
     generate": a linear of another library (bitsandbytes') runs as its users run it."""
-    from .nn import SWAPS
+    from .nn import foreign_linear
 
-    foreign = [m for m in model.modules()
-               if isinstance(m, nn.Linear) and type(m) is not nn.Linear and type(m).__name__ not in SWAPS]
-    return "plain generate" if foreign else "fast"
+    return "plain generate" if any(map(foreign_linear, model.modules())) else "fast"
 
 
 def fast_run(decoder: Decoder, ids: torch.Tensor, new_tokens: int) -> Callable[[], list[float]]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .nn import SWAPS, from_spec, to_spec
+from .nn import SWAPS, foreign_linear, from_spec, to_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _modules(model: nn.Module) -> dict[str, dict]:
         inside = any(name.startswith(outer + ".") for outer in specs)
         if not inside and (type(module) is nn.Linear or type(module).__name__ in SWAPS):
             specs[name] = to_spec(module)
-        elif isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+        elif foreign_linear(module):
             raise ValueError(f"cannot save {name}, a {type(module).__name__}: bitsandbytes quantizes at load, so save "
                              "the model before its bnb step with save(..., at_load='bnb:type=...') (see "
                              "Recipe.split_at_load)")

@@ -96,6 +96,11 @@ def _task_data_arg(p) -> None:
                         "piqa=DIR/validation.jsonl) instead of the hub; repeatable")
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list of names (recipes, tasks), blanks dropped."""
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
 def _task_data(values: list[str]) -> dict[str, str]:
     """--task-data TASK=DIR values as {task: dir}."""
     bad = [v for v in values if "=" not in v]
@@ -109,12 +114,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     from .report import ReportConfig, run_report, to_markdown
 
-    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-    cfg = ReportConfig(model=args.model, recipes=recipes, out=Path(args.out), data=args.data, limit=args.limit,
-                       mode=args.mode,
-                       device=args.device, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+    cfg = ReportConfig(model=args.model, recipes=_names(args.recipes), out=Path(args.out), data=args.data,
+                       limit=args.limit, mode=args.mode, device=args.device, calib=args.calib,
+                       nsamples=args.nsamples, seqlen=args.seqlen,
                        new_tokens=args.new_tokens, floor=args.floor, force=args.force,
-                       tasks=tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip()),
+                       tasks=_names(args.tasks),
                        task_data=_task_data(args.task_data), task_limit=args.task_limit)
     rows, meta = run_report(cfg)
     print(to_markdown(rows, meta))
@@ -401,10 +405,9 @@ def _cmd_eval_race(args: argparse.Namespace) -> None:
 def _cmd_eval_lm_eval(args: argparse.Namespace) -> None:
     from .evaluate import lm_eval_tasks
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     data = _task_data(args.task_data)
     model, tok = _load_with_recipe(args, _recipe(args))
-    out = lm_eval_tasks(model, tok, tasks, limit=args.limit, data=data, batch_size=args.batch_size)
+    out = lm_eval_tasks(model, tok, _names(args.tasks), limit=args.limit, data=data, batch_size=args.batch_size)
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(make_table(out))

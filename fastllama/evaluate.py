@@ -382,8 +382,9 @@ def race_cross_check(model, tokenizer, data: str | Path | None = None, articles:
     examples = load_race(data)
     last = {ex.article: ex for ex in examples}  # each article's last question
     kept = list(last)[:articles]
+    chosen = set(kept)
     with tempfile.TemporaryDirectory() as folder:
-        rows = race_docs([ex for ex in examples if ex.article in set(kept)])
+        rows = race_docs([ex for ex in examples if ex.article in chosen])
         (Path(folder) / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         out = lm_eval_tasks(model, tokenizer, ["race"], data={"race": folder}, batch_size=batch_size,
                             log_samples=True)

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import check_calib
-from .nn import QuantLinear, check_quant_config, dequantize_values, grid_for, int4_group_for, quantize_values
+from .nn import (QuantLinear, check_grid, check_quant_config, dequantize_values, grid_for, int4_group_for,
+                 quantize_values, tied_head)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,7 @@ class RTNConfig:
 
     def __post_init__(self):
         check_quant_config(self.bits, self.group_size)
-        fits = {"kernel": True, "sym": True, "q4_0": (self.bits, self.group_size) == (4, 32), "q8_0": self.bits == 8}
-        if not fits.get(self.grid, False):
-            raise ValueError(f"grid={self.grid!r} with bits={self.bits}, group={self.group_size}; valid: kernel "
-                             "(any), sym (any: symmetric, zero 0), q4_0 (bits=4, group=32: GGUF Q4_0), q8_0 "
-                             "(bits=8: GGUF Q8_0)")
+        check_grid(self.grid, self.bits, self.group_size)
 
 
 @dataclass
@@ -150,7 +147,7 @@ def quantize_head_(model: nn.Module, config: RTNConfig) -> nn.Module:
 
 def _untie(model: nn.Module) -> None:
     """Give the head its own weight, so quantizing it leaves the (float) embedding alone."""
-    if model.lm_head.weight is model.get_input_embeddings().weight:
+    if tied_head(model):
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     model.config.tie_word_embeddings = False
 

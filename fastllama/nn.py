@@ -38,6 +38,18 @@ def to_spec(module: nn.Module) -> dict:
     return {"type": type(module).__name__, **module.spec()}
 
 
+def foreign_linear(module: nn.Module) -> bool:
+    """Whether `module` is another library's linear (bitsandbytes'): an `nn.Linear` subclass that is no swap of ours.
+    Neither the fast decode path nor checkpoints hold those."""
+    return isinstance(module, nn.Linear) and type(module) is not nn.Linear and type(module).__name__ not in SWAPS
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Whether the output head is a float linear sharing its weight with the input embedding."""
+    head = model.get_output_embeddings()
+    return isinstance(head, nn.Linear) and head.weight is model.get_input_embeddings().weight
+
+
 def from_spec(spec: dict) -> nn.Module:
     """An empty module (right shapes, uninitialised values) from a `to_spec` dict, ready for `load_state_dict`."""
     spec = dict(spec)
@@ -262,6 +274,15 @@ def check_quant_config(bits: int, group_size: int) -> None:
                          f"{', '.join(map(str, INT4_GROUPS))}")
 
 
+def check_grid(grid: str, bits: int, group_size: int | None = None) -> None:
+    """ValueError unless `grid` is one of GRIDS and holds `bits`-wide values (and groups of `group_size`, when
+    given): "kernel" and "sym" any, "q4_0" 4 bits in groups of 32, "q8_0" 8 bits."""
+    if grid not in GRIDS or not {"q4_0": bits == 4 and group_size in (None, 32), "q8_0": bits == 8}.get(grid, True):
+        raise ValueError(f"grid={grid!r} with bits={bits}" + ("" if group_size is None else f", group={group_size}")
+                         + "; valid: kernel (any), sym (any: symmetric, zero 0), q4_0 (bits=4, group=32: GGUF Q4_0), "
+                         "q8_0 (bits=8: GGUF Q8_0); use bits=4 with q4_0, bits=8 with q8_0 (or grid=sym with either)")
+
+
 def check_quant_shape(in_features: int, bits: int, group_size: int) -> None:
     """ValueError unless the config is valid and, below 8 bits, `group_size` divides `in_features`."""
     check_quant_config(bits, group_size)
@@ -313,22 +334,17 @@ GGUF_MIN_SCALE = 2.0 ** -14  # the smallest normal float16: a bfloat16 scale at 
 def grid_for(w: Tensor, bits: int, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
     """The grid (scale, zero) of each row of `w` [..., g] for a target `grid` (see GRIDS), exact in bfloat16.
 
-    "kernel" is `quant_grid`. "sym" is symmetric, zero = 0, for any group: 4-bit Ŵ = d·(q - 8), q in 0..15, with
-    d the signed value of largest magnitude over -8 (it lands exactly on q = 0; 2- and 3-bit alike on their
-    lowest level, over -2 and -4), i.e. the int4 kernel's layout
-    with zero = 0 (compressed-tensors' symmetric int4, q - 8 in -8..7); 8-bit Ŵ = d·q, d = max|w| / 127, the int8
-    kernel's per-channel grid. |d| is rounded to bfloat16 and raised to at least GGUF_MIN_SCALE, so d is exact in
-    both bfloat16 (the kernels) and float16. "q4_0" (4-bit, groups of 32) and "q8_0" (8-bit) are "sym" under
-    GGUF's names: its Q4_0 holds the 4-bit grid exactly, its Q8_0 the 8-bit one by repeating d over every block
-    of 32. Each grid reads only a row's min and max.
+    "kernel" is `quant_grid`. "sym" is symmetric, zero = 0, for any group: 4-bit Ŵ = d·(q - 8), q in 0..15, with d
+    the signed value of largest magnitude over -8 (it lands exactly on q = 0; 2- and 3-bit alike on their lowest
+    level, over -2 and -4), i.e. the int4 kernel's layout with zero = 0 (compressed-tensors' symmetric int4, q - 8
+    in -8..7); 8-bit Ŵ = d·q, d = max|w| / 127, the int8 kernel's per-channel grid. |d| is rounded to bfloat16 and
+    raised to at least GGUF_MIN_SCALE, so d is exact in both bfloat16 (the kernels) and float16. "q4_0" (4-bit,
+    groups of 32) and "q8_0" (8-bit) are "sym" under GGUF's names: its Q4_0 holds the 4-bit grid exactly, its Q8_0
+    the 8-bit one by repeating d over every block of 32. Each grid reads only a row's min and max.
     """
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    check_grid(grid, bits)
     if grid == "kernel":
         return quant_grid(w, bits)
-    if (bits, grid) in ((8, "q4_0"), (4, "q8_0")):
-        raise ValueError(f"grid={grid} does not take bits={bits}; use bits=4 with q4_0, bits=8 with q8_0 (or "
-                         "grid=sym with either)")
     if bits == 8:
         d = w.abs().amax(-1) / 127
     else:  # the value of largest magnitude lands on the lowest level, q - 8 = -2^(bits-1)
@@ -348,6 +364,11 @@ def quantize_values(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int) ->
 def dequantize_values(q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
     """Ŵ from integer values `q` and the grid (scale, zero) broadcast against them."""
     return q * scale if zero is None else (q - 8) * scale + zero
+
+
+def sqnr_db(ref: Tensor, test: Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `test` against `ref`, in dB: how quantization is judged."""
+    return (10 * torch.log10(ref.float().pow(2).mean() / (ref.float() - test.float()).pow(2).mean())).item()
 
 
 def _int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:

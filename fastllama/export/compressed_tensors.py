@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import LINEARS, DenseWeight, decoder_linears, dense_weight, mlp_width
+from ..nn import pack_bits, tied_head
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,11 @@ def pack(w: DenseWeight, name: str) -> dict[str, Tensor]:
                          "tensors form (its zero points are integers); quantize with grid=sym, e.g. "
                          "gptq:bits=4,group=128,grid=sym")
     out, cols = w.q.shape
-    per = 32 // w.bits  # values per int32 word
-    # stored unsigned, offset by 2^(bits-1): fastllama's 4-bit q (0..15) is already q - 8 + 8; 8-bit q + 128
-    u = w.q.cpu().long() + (0 if w.bits == 4 else 128)
-    u = nn.functional.pad(u, (0, -cols % per)).view(out, -1, per)
-    words = (u << (w.bits * torch.arange(per))).sum(-1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+    # stored unsigned, offset by 2^(bits-1): fastllama's 4-bit q (0..15) is already q - 8 + 8; 8-bit q + 128.
+    # The row's little-endian bit stream (`nn.pack_bits`, padded to whole bytes of 8 values) read as int32 words.
+    u = w.q.cpu().int() + (0 if w.bits == 4 else 128)
+    stream = pack_bits(nn.functional.pad(u, (0, -cols % 8)), w.bits)
+    words = stream.view(torch.int32)[:, :math.ceil(cols * w.bits / 32)]  # the words the row's values fill
     return {"weight_packed": words, "weight_scale": w.scales.cpu().to(torch.bfloat16),
             "weight_shape": torch.tensor([out, cols], dtype=torch.int64)}
 
@@ -162,10 +163,9 @@ def write(model: nn.Module, tokenizer, out: Path, tp: int = 1, check: bool = Tru
 
     for i, leaf, w in decoder_linears(model, cfg.intermediate_size):
         add(f"model.layers.{i}.{leaf}", w)
-    head = model.get_output_embeddings()
-    cfg.tie_word_embeddings = isinstance(head, nn.Linear) and head.weight is model.get_input_embeddings().weight
+    cfg.tie_word_embeddings = tied_head(model)
     if not cfg.tie_word_embeddings:
-        add("lm_head", dense_weight(head, "lm_head"))
+        add("lm_head", dense_weight(model.get_output_embeddings(), "lm_head"))
     for i in range(len(model.model.layers)):  # vLLM fuses these: one scheme for all their parts
         for parts in (LINEARS[:3], LINEARS[4:6]):
             if len({schemes[f"model.layers.{i}.{leaf}"] for leaf in parts}) > 1:

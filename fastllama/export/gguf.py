@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import DenseWeight, decoder_linears, dense_weight, mlp_width
+from ..nn import tied_head
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,8 @@ def write(model: nn.Module, tokenizer, out: Path, float_type: str = "f16", pre: 
     for i, leaf, w in decoder_linears(model, width):
         qtype = _add_linear(writer, gguf_name(f"model.layers.{i}.{leaf}"), w, float_type, rows.get(leaf))
         types[qtype] = types.get(qtype, 0) + 1
-    head = model.get_output_embeddings()
-    if not (isinstance(head, nn.Linear) and head.weight is model.get_input_embeddings().weight):
-        _add_linear(writer, "output", dense_weight(head, "lm_head"), float_type, None)
+    if not tied_head(model):
+        _add_linear(writer, "output", dense_weight(model.get_output_embeddings(), "lm_head"), float_type, None)
     file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "F16": gguf.LlamaFileType.MOSTLY_F16}.get(max(types, key=types.get), gguf.LlamaFileType.ALL_F32)
     writer.add_file_type(file_type)

@@ -49,6 +49,8 @@ def test_quantlinear_holds_a_q4_0_grid_exactly():
 def test_grid_rejects_mismatched_bits():
     with pytest.raises(ValueError, match="bits=4 with q4_0"):
         grid_for(torch.randn(2, 32), 8, "q4_0")
+    with pytest.raises(ValueError, match="bits=4 with q4_0"):  # Q4_0 holds 4-bit values only
+        grid_for(torch.randn(2, 32), 3, "q4_0")
     with pytest.raises(ValueError, match="q4_0 .bits=4, group=32"):
         compress(nn.Module(), "gptq:bits=4,group=128,grid=q4_0")
 

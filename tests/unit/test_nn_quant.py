@@ -17,7 +17,7 @@ from torch import nn
 
 import fastllama.nn
 from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, QuantLinear, from_spec, grid_for, int4_group_for,
-                          quantize_values, to_spec)
+                          quantize_values, sqnr_db, to_spec)
 
 pytestmark = pytest.mark.unit
 
@@ -44,11 +44,6 @@ def expected_sqnr_db(bits: int, n: int, draws: int = 8192) -> float:
     steps, width = (2 ** bits - 1, w.amax(1) - w.amin(1)) if bits != 8 else (254, 2 * w.abs().amax(1))
     noise = (width ** 2).mean().item() / (12 * steps ** 2)
     return -10 * math.log10(noise + KERNEL_NOISE)
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of `test` against `ref`, in dB."""
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -90,8 +85,8 @@ def test_sqnr_against_float_and_dequantized(p):
         y, ref = q(x), linear(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
     n = p["group"] if p["bits"] != 8 else linear.in_features  # the weights one grid spans
-    assert sqnr(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
-    assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
+    assert sqnr_db(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
+    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -172,7 +167,7 @@ def test_activations_of_any_float_dtype(dtype):
     x = torch.randn(4, 128)
     y = q(x.to(dtype))
     assert y.dtype == dtype and q.bias.dtype == dtype
-    assert sqnr(linear(x).detach(), y.float()) > expected_sqnr_db(4, 32) - MARGIN_DB - 3  # + the dtype's rounding
+    assert sqnr_db(linear(x).detach(), y.float()) > expected_sqnr_db(4, 32) - MARGIN_DB - 3  # + the dtype's rounding
 
 
 @settings(max_examples=10, deadline=None)
@@ -216,7 +211,7 @@ def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
     q = QuantLinear.from_float(linear, bits, 32)
     x = torch.randn(64, shape[0])
     assert q.dequantize().shape == linear.weight.shape
-    assert sqnr(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > KERNEL_SQNR_DB
+    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > KERNEL_SQNR_DB
     fresh = from_spec(to_spec(q))
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(x), q(x))
@@ -254,7 +249,7 @@ def test_cuda_int8_formulation_matches_the_cpu_kernel():
     linear = _int8_linear(x, q.packed, q.scales)
     assert linear.dtype == kernel.dtype == torch.bfloat16
     torch.testing.assert_close(linear.float(), kernel.float(), rtol=2 ** -7, atol=0)
-    assert sqnr(nn.functional.linear(x.float(), q.dequantize()), linear.float()) > KERNEL_SQNR_DB
+    assert sqnr_db(nn.functional.linear(x.float(), q.dequantize()), linear.float()) > KERNEL_SQNR_DB
 
 
 UNPACK_CHECK = """
@@ -328,7 +323,7 @@ def test_cuda_kernel_matches_cpu(cuda):
         on_gpu = copy.deepcopy(on_cpu).to(cuda)
         assert on_gpu.packed.is_cuda and not on_cpu.packed.is_cuda
         x = torch.randn(5, 576)
-        assert sqnr(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
+        assert sqnr_db(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
         for k, v in on_gpu.state_dict().items():
             assert torch.equal(v.cpu(), state[k])
         back = copy.deepcopy(on_gpu).to("cpu")

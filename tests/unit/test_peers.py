@@ -12,16 +12,13 @@ import torch
 from torch import nn
 
 from fastllama.gptq import Int8WeightOnlyConfig, RTNConfig, quantize_
+from fastllama.nn import sqnr_db
 from fastllama.peers import BNB_TYPES, bnb_quantize_
 
 pytestmark = pytest.mark.unit
 
 IDS = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
 NEEDS_BNB = "needs bitsandbytes: pip install -e '.[peers]'"
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - test).pow(2).mean())).item()
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -76,7 +73,7 @@ def expected_sqnr_db(kind: str, n: int, draws: int = 8192) -> float:
     code, blocks = get_4bit_type("nf4", device="cpu"), w.view(-1, 64)
     scaled = blocks / blocks.abs().amax(1, keepdim=True)
     nearest = code[(scaled[..., None] - code).abs().argmin(-1)]
-    return sqnr(scaled, nearest)
+    return sqnr_db(scaled, nearest)
 
 
 @pytest.mark.parametrize("kind", list(BNB_TYPES))
@@ -91,7 +88,7 @@ def test_each_linear_within_its_formats_noise(kind, n):
     with torch.no_grad():
         ref = model.model.layers[0][0](x)
         bnb_quantize_(model.eval(), kind)
-        assert sqnr(ref, model.model.layers[0][0](x)) > expected_sqnr_db(kind, n) - MARGIN_DB
+        assert sqnr_db(ref, model.model.layers[0][0](x)) > expected_sqnr_db(kind, n) - MARGIN_DB
 
 
 @pytest.mark.parametrize("kind, ours", [("int8", Int8WeightOnlyConfig()), ("nf4", RTNConfig(bits=4, group_size=64))])

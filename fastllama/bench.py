@@ -13,7 +13,7 @@
 The fast path is `fastllama.generate.Decoder`: each run times the prefill (`ttft_ms`) and every decode step
 separately (a model with linears the fast path does not know, bitsandbytes', decodes on plain `generate` instead,
 as its users run it: `decode_path`, recorded as `path`); `tpot_ms` is the median step over all runs, after a
-warm-up run (which also compiles on a GPU).
+warm-up run (which also compiles the decode step).
 Timing is synchronized: CUDA events around every step on a GPU (read after the run, so no step waits on the
 host), `time.perf_counter` on the CPU, whose ops are synchronous. `baseline="hf"` times plain Hugging Face
 `generate` on the same model, token by token through a streamer, interleaved with the fast path in one process
@@ -256,7 +256,8 @@ def bench(model: nn.Module, tokenizer=None, prompt_len: int = 128, new_tokens: i
     """Every metric of greedy batch-1 decoding on the fast path, or on plain `generate` for a model the fast path
     does not know (`decode_path`, recorded as `path`; see the module docstring).
 
-    `compile` as in `Decoder` (None: on a GPU only); pass a `decoder` to reuse one (its cache, compiled step).
+    `compile` as in `Decoder` (None: as the hardware policy says); pass a `decoder` to reuse one (its cache and
+    compiled step).
     `baseline="hf"` (fast path only) adds `hf_ttft_ms`, `hf_tpot_ms`, `hf_tokens_per_s`, `hf_e2e_tokens_per_s` and
     `speedup` (tokens/s over plain generate's), both measured again interleaved in this process on the same model.
     """

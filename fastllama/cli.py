@@ -448,7 +448,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
     p.add_argument("--baseline", default=None, choices=["hf"], help="hf: also time plain generate, same model")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the decode step (auto: on a GPU, with CUDA graphs; off on the CPU)")
+                   help="torch.compile the decode step (auto: as the hardware policy says: on a GPU with CUDA "
+                        "graphs, on a CPU with a C++ compiler)")
     p.add_argument("--engine", default="fastllama", choices=["fastllama", "llama.cpp"],
                    help="llama.cpp: the peer alone, on the model's GGUF requantized by llama.cpp to --gguf-type (the "
                         "embedded model or a .gguf spec; needs the peers extra)")

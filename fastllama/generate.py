@@ -7,15 +7,18 @@ KV heads) and dropped layers just work; transformers' StaticCache sizes every la
 
 The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode (one token at `pos`):
 keys are written into the cache at their positions and attention reads the whole cache under a causal
-mask, so every decode step has the same shapes. That is what torch.compile with CUDA graphs
-(mode="reduce-overhead") needs on a GPU. Eager (the CPU default, measured fastest there once compile time
-counts), greedy output is token-identical to Hugging Face `generate` in float32 with EOS disabled (logits equal up
-to rounding): the fast path always generates `max_new_tokens` and never stops at EOS. The compiled step agrees up to
-rounding. On the CPU, float32 linears run on oneDNN or MKL as `fastllama.hardware.policy` picks
-(`fastllama.nn.linear`) and attention in float32 (see `Decoder.attn_dtype`): both measured faster there.
-Output-pruned o/down projections add into the residual directly (`fastllama.nn.add_linear`). On CUDA, attention
-runs on the fused memory-efficient kernel, pinned (see `_folded_attention`), and a decode step reads its position
-from a device tensor updated in place, so no step waits on the host.
+mask, so every decode step has the same shapes. That is what torch.compile needs: the decode step is compiled
+wherever `fastllama.hardware.policy` says (a GPU, with CUDA graphs; a CPU with a C++ compiler, where inductor fuses
+the norms, rotary and residual ops between the matmul kernels and its code is cached on disk across processes);
+prefill runs eager (its length varies). Greedy output is token-identical to Hugging Face `generate` in float32 with
+EOS disabled (logits equal up to rounding; the compiled step agrees up to rounding, and was token-identical on the
+embedded model): the fast path always generates `max_new_tokens` and never stops at EOS. On the CPU, float32
+linears run on oneDNN or MKL as the policy picks (`fastllama.nn.linear`), attention in float32 (see
+`Decoder.attn_dtype`), and quantized q/k/v and gate/up as one kernel call each (`fastllama.nn.fuse`, which leaves
+the parts as views of the fused integers). Output-pruned o/down projections add into the residual directly
+(`fastllama.nn.add_linear`). On CUDA, attention runs on the fused memory-efficient kernel, pinned (see
+`_folded_attention`), and a decode step reads its position from a device tensor updated in place, so no step
+waits on the host.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .nn import add_linear, linear
+from .hardware import policy
+from .nn import add_linear, fuse, linear
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class Decoder:
     """A static-cache greedy decoder for a Llama-family `model`, for prompts + new tokens up to `max_len`."""
 
     def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, compile: bool | None = None):
-        """`compile=None` compiles the decode step on CUDA (CUDA graphs) and leaves it eager on CPU."""
+        """`compile=None` compiles the decode step where `fastllama.hardware.policy` says (`compile_step`)."""
         inner = getattr(model, "model", None)
         if not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
             raise ValueError(f"Decoder needs a Llama-family causal LM (model.model.layers, model.model.rotary_emb); "
@@ -62,6 +66,10 @@ class Decoder:
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # (max_len, head_dim)
             probe = torch.zeros(1, 1, param.shape[1], dtype=self.dtype, device=self.device)
             self.cache = [self._buffers(layer.self_attn, probe, batch_size) for layer in inner.layers]
+            # q/k/v and gate/up as one matmul each where their kind allows (`fastllama.nn.fuse`): fewer kernel calls
+            # (float32 linears measured no faster fused on the CPU: 25.4 vs 25.2 ms a compiled step, not fused)
+            self.fused = [(fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                           fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in inner.layers]
         future = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).triu(1)
         self.causal = torch.zeros(max_len, max_len, dtype=self.attn_dtype, device=self.device).masked_fill(
             future, -torch.inf)
@@ -72,7 +80,7 @@ class Decoder:
         # on CUDA the q heads of each KV group are folded into that group's query rows (see `_attention`), so SDPA
         # runs the fused memory-efficient kernel; the CPU's flash kernel takes grouped heads as they are
         self.fold_gqa = self.device.type == "cuda"
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.compiled = policy(self.device).compile_step if compile is None else compile
         # the class's function, not the bound method: a decoder holding its own method (or a compiled wrapper of
         # it) is a reference cycle that keeps it, its cache and the model alive until the next gc.collect()
         self._step = Decoder.forward
@@ -96,21 +104,23 @@ class Decoder:
         inner = self.model.model
         x = inner.embed_tokens(ids)
         cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
-        for layer, (k_cache, v_cache) in zip(inner.layers, self.cache):
+        for layer, (k_cache, v_cache), (qkv, gate_up) in zip(inner.layers, self.cache, self.fused):
             attn = layer.self_attn
-            y = self._attention(attn, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache, v_cache,
-                                self.fold_gqa)
+            y = self._attention(attn, qkv, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache,
+                                v_cache, self.fold_gqa)
             x = add_linear(x, attn.o_proj, y)
             mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
-            x = add_linear(x, mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+            gate, up = _project(h, (mlp.gate_proj, mlp.up_proj), gate_up)
+            x = add_linear(x, mlp.down_proj, mlp.act_fn(gate) * up)
         return linear(self.model.lm_head, _rms_norm(inner.norm, x[:, -1]))
 
     @staticmethod
-    def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                   pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fold_gqa: bool) -> torch.Tensor:
+    def _attention(attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   fold_gqa: bool) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (linear(proj, x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (y.view(B, T, -1, attn.head_dim).transpose(1, 2)
+                   for y in _project(x, (attn.q_proj, attn.k_proj, attn.v_proj), qkv))
         half = attn.head_dim // 2
         q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
         k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
@@ -133,6 +143,13 @@ class Decoder:
         """The next token (B, 1) after `token` (B, 1) at position `pos`."""
         self.pos.fill_(pos)
         return self._step(self, token, self.pos).argmax(-1, keepdim=True).clone()
+
+
+def _project(x: torch.Tensor, parts: tuple[nn.Module, ...], fused: nn.Module | None) -> tuple[torch.Tensor, ...]:
+    """Each part's output for input `x`: one matmul through `fused` (their weights side by side) where there is one."""
+    if fused is None:
+        return tuple(linear(p, x) for p in parts)
+    return linear(fused, x).split([p.out_features for p in parts], -1)
 
 
 def _own_code(fn: types.FunctionType) -> types.FunctionType:

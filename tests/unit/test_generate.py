@@ -4,6 +4,7 @@ quantized, pruned, coupled-pruned and layer-dropped models, and rejects bad inpu
 from __future__ import annotations
 
 import gc
+import shutil
 import weakref
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from fastllama.drop import drop_layers
 from fastllama.generate import Decoder, generate
+from fastllama.hardware import policy
 from fastllama.gptq import Int8WeightOnlyConfig, RTNConfig, quantize_
 from fastllama.models import load_model
 from fastllama.nn import select
@@ -88,6 +90,17 @@ def test_compressed_matches_hf_generate(tiny_model, name):
     model = COMPRESSIONS[name](_sharp(tiny_model))
     ids = torch.randint(0, 512, (2, 10))
     assert torch.equal(generate(model, ids, 12), _hf(model, ids, 12))
+
+
+@pytest.mark.parametrize("name", ["rtn4", "int8wo"])
+def test_quantized_projections_run_fused(tiny_model, name):
+    """A quantized model's q/k/v and gate/up decode as one kernel call each (`fastllama.nn.fuse`), and the
+    tokens are still those of HF generate, which runs the parts, now views of the fused integers."""
+    model = COMPRESSIONS[name](_sharp(tiny_model))
+    decoder = Decoder(model, max_len=22, batch_size=2)
+    assert all(qkv is not None and gate_up is not None for qkv, gate_up in decoder.fused)
+    ids = torch.randint(0, 512, (2, 10))
+    assert torch.equal(generate(model, ids, 12, decoder=decoder), _hf(model, ids, 12))
 
 
 def _full_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -222,6 +235,16 @@ def test_decoder_is_freed_without_the_garbage_collector(tiny_model, compile):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_the_cpu_step_compiles_where_a_cxx_compiler_is(tiny_model, monkeypatch):
+    """Inductor needs a C++ compiler on the CPU: where CXX names none, the policy keeps the decode step eager and
+    says why; with g++ there, the default decoder compiles (its tokens are checked against HF by the tests above)."""
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert not policy("cpu").compile_step and "no C++ compiler" in policy("cpu").why
+    assert not Decoder(tiny_model, 8).compiled
+    monkeypatch.setenv("CXX", "g++")
+    assert Decoder(tiny_model, 8).compiled is (shutil.which("g++") is not None)
 
 
 def test_each_compiled_decoder_compiles_its_own_step(sharp):

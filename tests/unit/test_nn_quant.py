@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastllama.nn
-from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, QuantLinear, from_spec, grid_for, int4_group_for,
-                          quantize_values, sqnr_db, to_spec)
+from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, PrunedInputLinear, QuantLinear, from_spec, fuse, grid_for,
+                          int4_group_for, quantize_values, sqnr_db, to_spec)
 
 pytestmark = pytest.mark.unit
 
@@ -255,6 +255,7 @@ def test_cuda_int8_formulation_matches_the_cpu_kernel():
 UNPACK_CHECK = """
 import sys
 import torch
+import fastllama.nn
 from fastllama.nn import QuantLinear
 if torch.backends.cpu.get_cpu_capability() != sys.argv[1]:
     sys.exit(3)  # this CPU cannot run that capability
@@ -263,6 +264,12 @@ for out in (16, 48, 80, 112, 144, 208):  # full and partial row blocks (64 rows 
         q = torch.randint(0, 16, (out, cols), generator=torch.Generator().manual_seed(out * cols))
         module = QuantLinear.from_values(q, torch.rand(out, cols // 32), torch.rand(out, cols // 32), None, 4, 32)
         assert torch.equal(module.values()[0], q), (out, cols)
+x = torch.randn(3, 576)
+for bits in (4, 8):  # a Llama layer's q/k/v (576, 192, 192 rows: whole blocks) fuse on every capability
+    parts = [QuantLinear.from_float(torch.nn.Linear(576, out, bias=False), bits, 64) for out in (576, 192, 192)]
+    alone = torch.cat([p(x) for p in parts], -1)
+    fused = fastllama.nn.fuse(parts)
+    assert fused is not None and torch.equal(fused(x), alone), bits
 """
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
@@ -270,13 +277,58 @@ CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 @pytest.mark.parametrize("capability", [c for c in CAPABILITIES if c != torch.backends.cpu.get_cpu_capability()])
 def test_cpu_int4_packing_unpacks_exactly_on_other_cpu_capabilities(capability):
     """The CPU int4 layout differs by capability (ATEN_CPU_CAPABILITY picks it; this process's own is checked by
-    the tests above): the unpacked integers are the packed ones, for full and partial row blocks."""
+    the tests above): the unpacked integers are the packed ones, for full and partial row blocks, and a Llama
+    layer's q/k/v fuse into one module that computes what they did."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower(), "PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run([sys.executable, "-c", UNPACK_CHECK, capability], env=env, capture_output=True, text=True,
                           timeout=120)
     if done.returncode == 3:
         pytest.skip(f"this CPU cannot run {capability}")
     assert done.returncode == 0, done.stderr
+
+
+def _parts(bits: int, rows: list[int], seed: int) -> list[QuantLinear]:
+    torch.manual_seed(seed)
+    return [QuantLinear.from_float(nn.Linear(64, out, bias=False), bits, 32) for out in rows]
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.lists(st.sampled_from([16, 32, 48, 64, 128, 192]), min_size=2,
+                                                          max_size=3), seed=st.integers(0, 1000))
+def test_fused_parts_compute_what_they_did_alone(bits, rows, seed):
+    """fuse: one kernel call gives every part's output side by side, bit for bit; each part still gives its own,
+    now from a view of the fused integers (nothing held twice). Parts of whole 64-row blocks always fuse (the
+    CPU int4 packing's largest block); others fuse only where the check on the integers allows, else stay as
+    they were."""
+    parts = _parts(bits, rows, seed)
+    x = torch.randn(5, 64)
+    alone, packed = [p(x) for p in parts], [p.packed for p in parts]
+    fused = fuse(parts)
+    assert fused is not None or (bits != 8 and any(r % 64 for r in rows[:-1]))
+    if fused is None:
+        assert all(p.packed is t for p, t in zip(parts, packed))
+        return
+    assert fused.out_features == sum(rows) and torch.equal(fused(x), torch.cat(alone, -1))
+    assert all(torch.equal(p(x), y) for p, y in zip(parts, alone))
+    assert all(p.packed.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr() for p in parts)
+
+
+@pytest.mark.parametrize("why, parts", [
+    ("one part", lambda: _parts(4, [64], 0)),
+    ("widths differ", lambda: _parts(4, [64], 0) + _parts(8, [64], 0)),
+    ("groups differ", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(64, 64, bias=False), 4, 64)]),
+    ("inputs differ", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(96, 64, bias=False), 4, 32)]),
+    ("a bias", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(64, 64), 4, 32)]),
+    ("padded rows", lambda: [QuantLinear.from_float(nn.Linear(64, 40, bias=False), 4, 32)] + _parts(4, [64], 0)),
+    ("float", lambda: [nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)]),
+    ("pruned", lambda: [PrunedInputLinear.from_linear(p, 0.5) for p in _parts(4, [64, 64], 0)]),
+])
+def test_what_cannot_fuse_is_left_alone(why, parts):
+    parts = parts()
+    held = lambda: [(name, id(t)) for p in parts for name, t in [*p.named_buffers(), *p.named_parameters()]]  # noqa: E731
+    before = held()
+    assert fuse(parts) is None, why
+    assert held() == before
 
 
 @settings(max_examples=20, deadline=None)

@@ -4,8 +4,12 @@ quantized, pruned, coupled-pruned and layer-dropped models, and rejects bad inpu
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +249,31 @@ def test_the_cpu_step_compiles_where_a_cxx_compiler_is(tiny_model, monkeypatch):
     assert not Decoder(tiny_model, 8).compiled
     monkeypatch.setenv("CXX", "g++")
     assert Decoder(tiny_model, 8).compiled is (shutil.which("g++") is not None)
+
+
+COMPILED_CHECK = """
+import torch
+from fastllama.generate import Decoder, generate
+from fastllama.models import load_model
+model, _ = load_model("random:tiny", dtype=torch.float32)
+ids = torch.tensor([[172]])
+decoder = Decoder(model, 7, compile=True)
+for _ in range(20):  # enough steps for a kernel writing past its buffer to be caught by malloc's checks
+    assert torch.equal(generate(model, ids, 6, decoder=decoder), generate(model, ids, 6, compile=False))
+"""
+
+
+def test_a_step_compiled_under_another_cpu_capability_is_not_reused(tmp_path):
+    """Inductor writes CPU code for the capability's vector width and caches it on disk: compiled under AVX2
+    first, then natively on an AVX512 machine, each must decode as eager does. Were the cached AVX2 code reused
+    there, it would run with AVX512 vectors and write past its buffers (it did: malloc aborted the process)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX512 machine (which can also run the AVX2 kernels)")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[2])}
+    for capability in ("avx2", "avx512"):
+        done = subprocess.run([sys.executable, "-c", COMPILED_CHECK], env=env | {"ATEN_CPU_CAPABILITY": capability},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{capability}: {done.stderr[-2000:]}"
 
 
 def test_each_compiled_decoder_compiles_its_own_step(sharp):

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import pytest
 
 FLOOR_FRACTION = 0.85  # the lowest a floor may sit under its measured median: a 20% slowdown gives 1/1.2 = 0.833
-SECTIONS = ("speedup", "vs_parent", "tokens_per_s", "peers")  # sections whose entries carry a measured floor
+# the sections whose entries carry a measured floor
+SECTIONS = ("speedup", "vs_parent", "tokens_per_s", "peers", "prefill_peers")
 
 
 def slowed(step: Callable, fraction: float, sync: Callable[[], None] = lambda: None) -> Callable:

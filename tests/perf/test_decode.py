@@ -11,7 +11,8 @@ decode steps compared; `fastllama.bench.interleave`), one test per comparison:
   excuses, its size against the parent's ("smaller");
 - `memory`: ceilings on one model's bytes and, on a GPU, its peak allocated memory while decoding, measured alone;
 - `tokens_per_s`: absolute floors (the H100's);
-- `peers`: a recipe's fast path against llama.cpp on the same GGUF at the same bits (the `peers` extra).
+- `peers`: a recipe's fast path against llama.cpp on the same GGUF at the same bits (the `peers` extra), and
+  `prefill_peers` the prompt's time to the first token in the same runs.
 Each floor sits at most 15% under the median measured on that machine class (the file gives the measurements;
 tests/unit/test_perf_budgets.py checks it), so a 20% slowdown fails the suite: FASTLLAMA_PERF_SLOWDOWN=0.2 makes
 every decode step 20% slower to show it, and `test_gate_resolves_a_20pc_slowdown` measures, every run, that the
@@ -26,6 +27,7 @@ pytest-benchmark itself times whole `generate` calls of the recipe under test (t
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import os
@@ -67,6 +69,7 @@ BUDGET = json.loads(_path.read_text())
 P, N, ROUNDS = BUDGET["prompt_len"], BUDGET["new_tokens"], BUDGET["rounds"]
 BASE = "base"  # the budget's model as loaded: plain generate runs on it
 MODELS: dict[str, tuple] = {}  # recipe name -> (model, tokenizer), built once for the comparisons
+DECODERS: dict[int, Decoder] = {}  # id(model) -> its decoder, compiled once and reused by every check of the model
 
 
 def _build(name: str):
@@ -97,6 +100,7 @@ def model(name: str):
 def evict() -> None:
     """Free every cached model, so that a memory reading sees one model only."""
     MODELS.clear()
+    DECODERS.clear()
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -104,10 +108,12 @@ def evict() -> None:
 
 
 def decoder(m) -> Decoder:
-    dec = Decoder(m, P + N)
-    if SLOWDOWN:
-        dec.step = slowed(dec.step, SLOWDOWN, _sync)
-    return dec
+    """Model `m`'s decoder (its step compiled once per model: seconds each time, even from inductor's disk cache)."""
+    if id(m) not in DECODERS:
+        DECODERS[id(m)] = dec = Decoder(m, P + N)
+        if SLOWDOWN:
+            dec.step = slowed(dec.step, SLOWDOWN, _sync)
+    return DECODERS[id(m)]
 
 
 def _sync() -> None:
@@ -183,23 +189,42 @@ def test_tokens_per_s(benchmark, name):
     check_floor(f"{name} tokens/s", res["tokens_per_s"], entry["floor"], entry, _path.name)
 
 
-@pytest.mark.parametrize("name", list(BUDGET.get("peers", {})))
-def test_against_llama_cpp(benchmark, name):
-    """fastllama's fast path against llama.cpp on the same GGUF (requantized by llama.cpp to the entry's `peer`
-    type), the same prompt ids, interleaved; tokens/s over llama.cpp's, and prefill time beside it."""
+@functools.cache
+def _against_llama_cpp(name: str, peer_type: str) -> tuple:
+    """Recipe `name`'s fast path and llama.cpp on the same GGUF requantized to `peer_type`, from the same prompt ids,
+    interleaved (once for both the decode and the prefill check): (model, decoder, ids, peer, results)."""
     pytest.importorskip("llama_cpp", reason="the llama.cpp comparison needs the peers extra: pip install -e '.[peers]'")
     from fastllama.models import embedded_gguf
     from fastllama.peers import LlamaCpp
 
-    entry = BUDGET["peers"][name]
     m, tok = model(name)
     ids, dec = prompt_ids(m, P, tok), decoder(m)
-    peer = LlamaCpp.from_gguf(embedded_gguf(), entry["peer"])
-    res = compare({"fastllama": fast_run(dec, ids, N), "peer": peer.run(ids, N)}, N, ROUNDS)
+    peer = LlamaCpp.from_gguf(embedded_gguf(), peer_type)
+    return m, dec, ids, peer, compare({"fastllama": fast_run(dec, ids, N), "peer": peer.run(ids, N)}, N, ROUNDS)
+
+
+@pytest.mark.parametrize("name", list(BUDGET.get("peers", {})))
+def test_against_llama_cpp(benchmark, name):
+    """fastllama's fast path against llama.cpp on the same GGUF (requantized by llama.cpp to the entry's `peer`
+    type), the same prompt ids, interleaved; tokens/s over llama.cpp's."""
+    entry = BUDGET["peers"][name]
+    m, dec, ids, peer, res = _against_llama_cpp(name, entry["peer"])
     ratio = res["fastllama"]["tokens_per_s"] / res["peer"]["tokens_per_s"]
     _record(benchmark, name, m, dec, ids, peer=peer.name, peer_ratio=ratio, peer_file_gb=peer.file_gb(),
             model_gb=model_gb(m), **res["fastllama"], **{f"peer_{k}": v for k, v in res["peer"].items()})
     check_floor(f"{name} tokens/s over {peer.name}'s", ratio, entry["floor"], entry, _path.name)
+
+
+@pytest.mark.parametrize("name", list(BUDGET.get("prefill_peers", {})))
+def test_prefill_against_llama_cpp(benchmark, name):
+    """The same comparison's prefill: llama.cpp's time to the first token over fastllama's (at least 1: the prompt
+    in no more time than llama.cpp takes)."""
+    entry = BUDGET["prefill_peers"][name]
+    m, dec, ids, peer, res = _against_llama_cpp(name, entry["peer"])
+    ratio = res["peer"]["ttft_ms"] / res["fastllama"]["ttft_ms"]
+    _record(benchmark, name, m, dec, ids, peer=peer.name, prefill_ratio=ratio, ttft_ms=res["fastllama"]["ttft_ms"],
+            peer_ttft_ms=res["peer"]["ttft_ms"])
+    check_floor(f"{name} prefill speed over {peer.name}'s", ratio, entry["floor"], entry, _path.name)
 
 
 def test_gate_resolves_a_20pc_slowdown():
@@ -209,9 +234,10 @@ def test_gate_resolves_a_20pc_slowdown():
         pytest.skip("FASTLLAMA_PERF_SLOWDOWN is set: this test compares against an unslowed step")
     m, tok = model(BASE)
     ids = prompt_ids(m, P, tok)
-    plain, again, slow = Decoder(m, P + N), Decoder(m, P + N), Decoder(m, P + N)
-    slow.step = slowed(slow.step, 0.2, _sync)
-    res = compare({"plain": fast_run(plain, ids, N), "again": fast_run(again, ids, N),
+    plain = decoder(m)
+    slow = copy.copy(plain)  # the same compiled step and cache, its `step` slowed
+    slow.step = slowed(plain.step, 0.2, _sync)
+    res = compare({"plain": fast_run(plain, ids, N), "again": fast_run(plain, ids, N),
                    "slow": fast_run(slow, ids, N)}, N, ROUNDS)
     noise = res["again"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
     caught = res["slow"]["tokens_per_s"] / res["plain"]["tokens_per_s"]

@@ -19,6 +19,7 @@ CHECKS = {  # test function -> (budget section, the extra_info key it is judged 
     "test_speedup_over_plain_generate": ("speedup", "speedup"),
     "test_not_slower_than_parent": ("vs_parent", "parent_ratio"),
     "test_against_llama_cpp": ("peers", "peer_ratio"),
+    "test_prefill_against_llama_cpp": ("prefill_peers", "prefill_ratio"),
     "test_tokens_per_s": ("tokens_per_s", "tokens_per_s"),
 }
 CEILINGS = ("model_gb", "peak_mem_gb")  # test_memory's metrics that a `max_<metric>` entry caps

@@ -23,14 +23,19 @@ then rounded to bfloat16 like any grid (see `clip_grid`).
 The decoder is processed one layer at a time, all the calibration sequences in one batch: the inputs of layer 0
 are captured from the calibration tokens, then one forward through each layer quantizes its linears in the
 order it reaches them (true-sequential, see `_gptq_layer`) and gives the next layer's quantized inputs, so only
-one layer's activations are held. The embedding stays float. The output head stays float too unless
-`lm_head=True`: it is then untied from the embedding and quantized on the final hidden states (it is the
-largest matmul of small models, so CPU decode speed needs it).
+one layer's activations are held. With `asym` (asymmetric calibration, as GPTAQ), the float model's hidden states
+are carried beside them (on ASYM_SHARE of the sequences, in bfloat16 where the hardware policy computes it), one
+float forward of each layer ahead of its quantization, and each linear's GPTQ aims at the float model's output on
+its own inputs rather than at its float weights on the quantized inputs (see `float_target`): the linears then
+also correct the error the layers before them left. The embedding stays float.
+The output head stays float too unless `lm_head=True`: it is then untied from the embedding and quantized on the
+final hidden states (it is the largest matmul of small models, so CPU decode speed needs it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,12 +44,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import check_calib
+from .hardware import policy
 from .nn import (QuantLinear, check_grid, check_quant_config, dequantize_values, grid_for, int4_group_for,
                  quantize_values, tied_head)
 
 log = logging.getLogger(__name__)
 
 CLIP_SHRINKS = tuple(1 - k / 100 for k in range(25))  # the range factors the clipping search tries: 1.00 .. 0.76
+ASYM_SHARE = 0.25  # the share of the calibration sequences the float stream of `asym` runs on (its time)
+ASYM_DAMP = 3.0  # float_target's ridge over the mean Hessian diagonal: the best of 0.01 (GPTQ's) .. 10 measured
 
 
 @dataclass
@@ -76,6 +84,7 @@ class GPTQConfig(RTNConfig):
     act_order: bool = True  # visit columns by decreasing Hessian diagonal (groups stay static, in natural order)
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
+    asym: bool = False  # aim each linear at the float model's output, not its own on quantized inputs (float_target)
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
@@ -159,6 +168,22 @@ def hessian(x: Tensor) -> Tensor:
     return (2 / len(x)) * (x.T @ x)
 
 
+def float_target(x: Tensor, x_float: Tensor, H: Tensor, damp: float = ASYM_DAMP) -> Tensor:
+    """The map P [in, in] such that W + WP, on a linear's inputs x [..., in] from the quantized model, gives the
+    closest outputs (least squares) to W's on the float model's inputs x_float (same shape): P = 2ΔᵀX(H + λI)⁻¹/n
+    with Δ = x_float - x over the n rows, H = `hessian(x)` (= 2XᵀX/n) and λ `damp` times its mean diagonal: a
+    ridge, as P has in² entries to fit from the calibration tokens.
+
+    Asymmetric calibration (GPTAQ): ||QXᵀ - WX̃ᵀ||² = ||(Q - W')Xᵀ||² + a constant in Q when W' = W + WP (undamped),
+    so GPTQ of W' on H aims at the float model's output instead of W's on inputs that carry the quantization
+    error of every linear before it. P is 0 when the two streams agree.
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    delta = x_float.reshape(-1, x.shape[-1]).float() - x
+    damped = H + damp * torch.diag(H).mean() * torch.eye(len(H), device=H.device)
+    return torch.cholesky_solve((2 / len(x)) * (x.T @ delta), torch.linalg.cholesky(damped)).T
+
+
 def clip_grid(w: Tensor, bits: int, importance: Tensor, grid: str = "kernel") -> tuple[Tensor, Tensor | None]:
     """The `grid` of each row of `w` [..., g] (see `nn.grid_for`) whose range, its min and max times one of
     CLIP_SHRINKS, rounds the row with the least error Σ importance·(ŵ - w)², `importance` [g] weighing each column
@@ -228,9 +253,11 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
     return (Q.index_select(1, torch.argsort(perm)) if act_order else Q).int(), scales, zeros
 
 
-def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig) -> QuantLinear:
+def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig, P: Tensor | None = None) -> QuantLinear:
+    """GPTQ of `linear` on the Hessian `H` of its inputs; of W + WP with `P` (see `float_target`)."""
     group = _group(linear, config)
-    q, scales, zeros = gptq_quantize(linear.weight, H, config.bits, group, config.act_order, config.damp,
+    weight = linear.weight if P is None else linear.weight + linear.weight.float() @ P
+    q, scales, zeros = gptq_quantize(weight, H, config.bits, group, config.act_order, config.damp,
                                      config.block_size, config.clip, config.grid)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
 
@@ -255,42 +282,67 @@ def _capture(model: nn.Module, calib: Tensor) -> tuple[Tensor, dict]:
     return captured[0]
 
 
-def _gptq_layer(layer: nn.Module, hidden: Tensor, kwargs: dict, config: GPTQConfig) -> Tensor:
-    """Quantize the layer's linears in one forward over all the calibration tokens; returns its output.
+def _gptq_layer(layer: nn.Module, hidden: Tensor, kwargs: dict, config: GPTQConfig,
+                floats: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Quantize the layer's linears in one forward over all the calibration tokens; returns its output (and, with
+    `config.asym`, the float layer's output on `floats`, the float model's hidden states).
 
     Each linear is quantized on the Hessian of its inputs when the forward reaches it, and the forward goes on
     with its quantized weights (dequantized into the float linear: the same weights, faster than the kernels on a
     CPU). So every linear sees the quantized outputs of those before it (true-sequential: o after q/k/v, gate/up
     after the attention, down after gate/up), and the output is the next layer's quantized input. Linears fed
-    the very same tensor (q/k/v, gate/up) share one Hessian.
+    the very same tensor (q/k/v, gate/up) share one Hessian. With `config.asym` a float forward on `floats` first
+    records each linear's float inputs, and GPTQ aims at the float outputs (see `float_target`).
     """
+    inputs: dict[nn.Linear, Tensor] = {}  # each linear's inputs in the float model (config.asym)
     quantized: dict[nn.Linear, QuantLinear] = {}
-    last: list = [None, None]  # the latest input tensor and its Hessian
+    last: list = [None, None, None]  # the latest input tensor, its Hessian and its float_target
+
+    def record(linear: nn.Linear, args: tuple) -> None:
+        inputs[linear] = args[0]
 
     def quantize(linear: nn.Linear, args: tuple) -> None:
         if linear not in quantized:
-            H = last[1] if args[0] is last[0] else hessian(args[0])
-            last[:] = args[0], H
-            quantized[linear] = _gptq(linear, H, config)
+            if args[0] is not last[0]:
+                H = hessian(args[0])
+                x = args[0][:len(inputs[linear])] if inputs else None  # the sequences the float stream runs on
+                last[:] = args[0], H, None if x is None else float_target(x, inputs[linear], H)
+            quantized[linear] = _gptq(linear, last[1], config, last[2])
             linear.weight.copy_(quantized[linear].dequantize())
 
     linears = _linears(layer)
-    handles = [linear.register_forward_pre_hook(quantize) for _, _, linear in linears]
+    modules = [linear for _, _, linear in linears]
+    if config.asym:  # in bfloat16 where it is native: a target 0.4% off float32's, for a third of its time
+        native = policy(hidden.device).float_dtype == "bfloat16"
+        with torch.autocast(hidden.device.type, torch.bfloat16, enabled=native):
+            floats = _forward(layer, floats, kwargs, modules, record)
+    out = _forward(layer, hidden, kwargs, modules, quantize)
+    for parent, name, linear in linears:
+        setattr(parent, name, quantized[linear])
+    return out, floats
+
+
+def _forward(layer: nn.Module, hidden: Tensor, kwargs: dict, linears: list[nn.Linear], hook) -> Tensor:
+    """The layer's output on `hidden`, with `hook` as a forward pre-hook on each of `linears`."""
+    handles = [linear.register_forward_pre_hook(hook) for linear in linears]
     try:
         out = layer(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    for parent, name, linear in linears:
-        setattr(parent, name, quantized[linear])
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def _gptq_model(model: nn.Module, config: GPTQConfig, calib: Tensor) -> None:
     hidden, kwargs = _capture(model, calib)
+    # the float model's hidden states, the target of config.asym, on the first ASYM_SHARE of the sequences
+    floats = hidden[:math.ceil(ASYM_SHARE * len(hidden))] if config.asym else None
     for layer in tqdm(model.model.layers, desc=f"gptq{config.bits}", leave=False):
-        hidden = _gptq_layer(layer, hidden, kwargs, config)
+        hidden, floats = _gptq_layer(layer, hidden, kwargs, config, floats)
     if config.lm_head:
         _untie(model)
-        model.lm_head = _gptq(model.lm_head, hessian(model.model.norm(hidden)), config)
+        x = model.model.norm(hidden)
+        H = hessian(x)
+        P = float_target(x[:len(floats)], model.model.norm(floats), H) if config.asym else None
+        model.lm_head = _gptq(model.lm_head, H, config, P)

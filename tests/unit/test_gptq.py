@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fastllama.gptq import (CLIP_SHRINKS, GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer,
-                            clip_grid, gptq_quantize, hessian, quantize_)
+                            clip_grid, float_target, gptq_quantize, hessian, quantize_)
+from fastllama.hardware import policy
 from fastllama.nn import GGUF_MIN_SCALE, QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values
 
 pytestmark = pytest.mark.unit
@@ -207,7 +208,8 @@ def test_layer_is_quantized_true_sequentially_in_one_forward(tiny_model, act_ord
     float_layer, check = copy.deepcopy(layer), copy.deepcopy(layer)
     hidden, kwargs = _capture(tiny_model, calib())
     with torch.no_grad():
-        out = _gptq_layer(layer, hidden, kwargs, config)
+        out, floats = _gptq_layer(layer, hidden, kwargs, config)
+    assert floats is None  # no float stream without config.asym
     quantized = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
     assert len(quantized) == 7
     floats, checks, seen = dict(float_layer.named_modules()), dict(check.named_modules()), {}
@@ -221,13 +223,74 @@ def test_layer_is_quantized_true_sequentially_in_one_forward(tiny_model, act_ord
         assert torch.equal(module.dequantize(), _gptq(floats[n], hessian(seen[n]), config).dequantize()), n
 
 
+def test_float_target_is_the_least_squares_fit_to_the_float_outputs():
+    """W + WP on the quantized stream's inputs x is the least-squares fit (an independent solver: lstsq, with the
+    damping taken near 0) to W on the float stream's inputs; P is 0 when the streams agree."""
+    torch.manual_seed(0)
+    weight, x_float = torch.randn(16, 64), correlated_inputs(1024, 64, 0)
+    x = x_float + 0.3 * torch.randn(1024, 64)
+    P = float_target(x, x_float, hessian(x), damp=1e-7)
+    fit = torch.linalg.lstsq(x.double(), (x_float @ weight.T).double()).solution.T.float()
+    torch.testing.assert_close(weight + weight @ P, fit, rtol=1e-3, atol=1e-3)
+    assert not float_target(x_float, x_float, hessian(x_float)).any()
+
+
+def test_asymmetric_gptq_lands_nearer_the_float_outputs_than_gptq():
+    """Inputs x off the float ones x̃ by a linear drift (what upstream quantization error partly is). The float
+    outputs W x̃ split, for any Q (λ → 0, see float_target), as ‖Qxᵀ - Wx̃ᵀ‖² = ‖(Q - W')xᵀ‖² + R, with R the
+    part no weight reaches. Plain GPTQ's Q1 rounds W, so ‖(Q1 - W')xᵀ‖ ≥ c - e1, with c = ‖(W - W')xᵀ‖ the drift it
+    leaves and e1 = ‖(Q1 - W)xᵀ‖ its rounding error; asymmetric GPTQ's Q2 rounds W', ‖(Q2 - W')xᵀ‖ = e2. So Q2 is
+    the nearer whenever e2 < c - e1, which the drift here leaves with a wide margin (measured c 0.26 of the float
+    outputs' norm, e1 and e2 0.042), and a wrong sign or a missing P would break."""
+    torch.manual_seed(0)
+    features, out, group = 128, 32, 32
+    weight, x_float = torch.randn(out, features) / features ** 0.5, correlated_inputs(1024, features, 0)
+    x = x_float @ (torch.eye(features) + 0.3 * torch.randn(features, features) / features ** 0.5)
+    H = hessian(x)
+    target = weight + weight @ float_target(x, x_float, H, damp=1e-6)  # λ → 0, as the split above takes
+    w_hat, expand = {}, lambda t: t.repeat_interleave(group, 1)
+    for name, w in (("gptq", weight), ("asym", target)):
+        q, scales, zeros = gptq_quantize(w, H, 4, group)
+        w_hat[name] = dequantize_values(q.float(), expand(scales), expand(zeros))
+    norm = lambda w: torch.linalg.norm(x @ w.T).item()  # noqa: E731
+    c, e1, e2 = norm(weight - target), norm(w_hat["gptq"] - weight), norm(w_hat["asym"] - target)
+    assert e2 < c - e1
+    error = {k: torch.linalg.norm(x @ w.T - x_float @ weight.T).item() for k, w in w_hat.items()}
+    assert error["asym"] < error["gptq"]
+
+
+def test_asym_layer_aims_at_the_float_layer(tiny_model):
+    """With config.asym the layer also runs float on the float stream and returns that output (the next layer's
+    float inputs; in bfloat16 autocast where the policy's float dtype is bfloat16), and its quantized output on
+    drifted inputs lands nearer the float layer's output on the float inputs than plain GPTQ's (see the test above
+    for why a drift the weights can follow is won back)."""
+    layer = tiny_model.model.layers[0]
+    floats, kwargs = _capture(tiny_model, calib(16, 32))
+    gen = torch.Generator().manual_seed(0)
+    d = floats.shape[-1]
+    hidden = floats @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen) / d ** 0.5)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    with torch.no_grad():
+        expected = first(copy.deepcopy(layer)(floats, **kwargs))
+        with torch.autocast("cpu", torch.bfloat16, enabled=policy("cpu").float_dtype == "bfloat16"):
+            stream = first(copy.deepcopy(layer)(floats, **kwargs))
+        error = {}
+        for asym in (False, True):
+            out, float_out = _gptq_layer(copy.deepcopy(layer), hidden, kwargs, GPTQConfig(group_size=32, asym=asym),
+                                         floats)
+            error[asym] = torch.linalg.norm(out - expected).item()
+    assert torch.equal(float_out, stream)
+    assert error[True] < error[False]
+
+
 def calib(n: int = 4, seqlen: int = 16) -> torch.Tensor:
     return torch.randint(0, 512, (n, seqlen))
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=64), GPTQConfig(bits=8, act_order=True),
-                                    RTNConfig(bits=4, group_size=32), Int8WeightOnlyConfig()],
-                         ids=["gptq4", "gptq8-act", "rtn4", "int8wo"])
+                                    GPTQConfig(bits=4, group_size=64, asym=True), RTNConfig(bits=4, group_size=32),
+                                    Int8WeightOnlyConfig()],
+                         ids=["gptq4", "gptq8-act", "gptq4-asym", "rtn4", "int8wo"])
 def test_quantize_swaps_every_decoder_linear(tiny_model, config):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
@@ -246,6 +309,7 @@ def test_quantize_swaps_every_decoder_linear(tiny_model, config):
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=128, lm_head=True),
+                                    GPTQConfig(bits=4, group_size=128, lm_head=True, asym=True),
                                     Int8WeightOnlyConfig(lm_head=True)])
 def test_lm_head_flag_unties_and_quantizes_the_head(tiny_model, config):
     embedding = tiny_model.model.embed_tokens.weight.detach().clone()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def test_presets_of_the_reference_study():
     auto = [HeadStep("auto"), CastStep("auto")]  # quantized presets finish by the hardware policy
-    gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True)  # spelled out in the preset text
+    gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=True)  # spelled out in the preset
     gptq8 = GPTQConfig(bits=8, act_order=True, clip=False)
     assert parse_recipe("gptq4").steps == [gptq4, *auto]
     assert parse_recipe("gptq8").steps == [gptq8, *auto]
@@ -29,6 +29,13 @@ def test_presets_of_the_reference_study():
     assert parse_recipe("bf16").steps == [CastStep("bf16")]
     assert parse_recipe("drop:layers=3").steps == [DropStep(3)]
     assert parse_recipe("rtn4").steps == [RTNConfig(bits=4, group_size=128), *auto]
+
+
+def test_older_gptq4_text_keeps_its_meaning():
+    """gptq4 before asym was spelled without it: that text still makes the model it made (asym off)."""
+    older = parse_recipe("gptq:bits=4,group=128,act_order=true,clip=true").steps[0]
+    assert older == GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=False)
+    assert parse_recipe("gptq4").steps[0] == GPTQConfig(**{**vars(older), "asym": True})
 
 
 @pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
@@ -73,7 +80,7 @@ def test_steps_with_keys_and_presets_combined():
 steps = st.one_of(
     st.builds(GPTQConfig, bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([32, 64, 128, 256]),
               act_order=st.booleans(), damp=st.floats(0.001, 0.5), lm_head=st.booleans(),
-              grid=st.sampled_from(["kernel", "sym"])),
+              grid=st.sampled_from(["kernel", "sym"]), clip=st.booleans(), asym=st.booleans()),
     st.builds(RTNConfig, bits=st.sampled_from([4, 8]), group_size=st.sampled_from([32, 256]), lm_head=st.booleans(),
               grid=st.sampled_from(["kernel", "sym"])),
     st.builds(Int8WeightOnlyConfig, lm_head=st.booleans()),
@@ -126,8 +133,8 @@ def test_bad_recipes_are_clear_errors(text, message):
 
 def test_presets_below_4_bits_use_small_groups():
     auto = [HeadStep("auto"), CastStep("auto")]
-    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64), *auto]
-    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32), *auto]
+    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64, asym=True), *auto]
+    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32, asym=True), *auto]
     assert parse_recipe("rtn:bits=2,group=256").steps == [RTNConfig(bits=2, group_size=256)]
 
 

@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-REFERENCE_RECIPES = ("bf16", "gptq4", "gptq8", "gptq4-prune-in10", "gptq8-prune-in35")
+# the reference study's rows; its bf16 base is `base` (the hardware policy's float dtype): bf16 on a GPU or a CPU with
+# native bf16, float32 where the CPU emulates bf16 (its RACE, perplexity and decode took several times longer)
+REFERENCE_RECIPES = ("base", "gptq4", "gptq8", "gptq4-prune-in10", "gptq8-prune-in35")
 CHANCE = 0.25     # RACE accuracy of guessing among four options
 COLLAPSED = 10.0  # a recipe whose perplexity exceeds this many times the base's is marked collapsed
 MARKER_SIZE = 40  # plot marker area, points^2

@@ -670,7 +670,8 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
     integers once: each part's `packed` becomes a view of its rows in the fused one (same values, nothing held
     twice), so the parts still compute alone, as before. None (the parts untouched) unless all are CPU
     QuantLinears of one width, group and input size, without bias or padded rows, whose packings concatenate by
-    rows (checked on the integers, not assumed: the CPU int4 packing works in blocks of 32 or 64 rows).
+    rows (checked on the packing's measured layout, not assumed: the CPU int4 packing works in blocks of 32 or 64
+    rows).
 
     A decode step at batch 1 pays a fixed cost per kernel call (about 15 us of the 24 a 576x576 int4 call takes on
     a 2-core Xeon): q/k/v as one call and gate/up as one cut the 7 calls of a Llama layer to 4."""
@@ -680,6 +681,8 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
             or p.group_size != first.group_size or p.pad_out or p.bias is not None or p.packed.device.type != "cpu"
             for p in parts):
         return None
+    if first.bits != 8 and not _int4_rows_concatenate([p.out_features for p in parts]):
+        return None  # a packing that interleaves rows across the parts' boundaries
     fused = QuantLinear(first.in_features, KERNEL_MULTIPLE, first.bits, first.group_size, device="meta")
     fused.out_features = sum(p.out_features for p in parts)
     fused.packed = torch.cat([p.packed for p in parts])
@@ -687,8 +690,25 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
         fused.scales = torch.cat([p.scales for p in parts])
     else:
         fused.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
-        if not torch.equal(fused._integers(), torch.cat([p._integers() for p in parts])):
-            return None  # a packing that interleaves rows across the parts' boundaries
     for p, rows in zip(parts, fused.packed.split([p.packed.shape[0] for p in parts])):
         p.packed = rows
     return fused
+
+
+def _int4_rows_concatenate(rows: list[int]) -> bool:
+    """Whether CPU int4 packings of `rows` rows each, concatenated, are the packing of all the rows at once: in the
+    layout of the whole (`_cpu_int4_layout`), each part's rows sit where its own layout puts them, shifted by the
+    rows before it. Read from the layouts alone (their size is the row count), not from any weight."""
+    whole = _cpu_int4_layout(sum(rows))
+    if whole is None:
+        return False
+    first = 0
+    for n in rows:
+        part = _cpu_int4_layout(n)
+        if part is None:
+            return False
+        start, offset, stride = (t[first:first + n] for t in whole)
+        if not (torch.equal(start, part[0] + first) and torch.equal(offset, part[1]) and torch.equal(stride, part[2])):
+            return False
+        first += n
+    return True

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hardware import policy
+from .hardware import own_code, policy, simd_bits
 from .nn import add_linear, fuse, linear
 
 log = logging.getLogger(__name__)
@@ -88,9 +87,9 @@ class Decoder:
             for t in (self.cos, self.sin, self.causal, self.pos, *(t for kv in self.cache for t in kv)):
                 torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
             cuda = self.device.type == "cuda"
-            how = {"mode": "reduce-overhead"} if cuda else {"options": {"cpp.simdlen": _simd_bits()}}
+            how = {"mode": "reduce-overhead"} if cuda else {"options": {"cpp.simdlen": simd_bits()}}
             log.info("compiling the decode step (%s): the first steps take a while", how)
-            self._step = torch.compile(_own_code(Decoder.forward), fullgraph=True, dynamic=False, **how)
+            self._step = torch.compile(own_code(Decoder.forward), fullgraph=True, dynamic=False, **how)
 
     def _buffers(self, attn: nn.Module, probe: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed key and value buffers shaped by what this layer's k and v projections return."""
@@ -151,26 +150,6 @@ def _project(x: torch.Tensor, parts: tuple[nn.Module, ...], fused: nn.Module | N
     if fused is None:
         return tuple(linear(p, x) for p in parts)
     return linear(fused, x).split([p.out_features for p in parts], -1)
-
-
-# the vector width inductor's CPU code is written for, by the capability ATen dispatches to (ATEN_CPU_CAPABILITY)
-SIMD_BITS = {"AVX512": 512, "AVX2": 256}
-
-
-def _simd_bits() -> int | None:
-    """The CPU vector width to compile for, named so that it is part of the compiled code's cache key (None:
-    inductor's own pick). Inductor picks the width from ATEN_CPU_CAPABILITY but its on-disk cache key omits it:
-    a step compiled under AVX2 (8 floats a vector) was reused under AVX512, built with 16-float vectors, and its
-    full-width stores wrote past their buffers (heap corruption, seen while emulating AVX2 on an AVX512 machine)."""
-    return SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
-
-
-def _own_code(fn: types.FunctionType) -> types.FunctionType:
-    """A copy of `fn` with a code object of its own. Dynamo keeps compiled code, guards and the recompile count per
-    code object: shared by every decoder, Decoder.forward would recompile for each new model and fail hard
-    (fullgraph) at the 9th in one process, and hold every earlier model's compiled code; a decoder's own copy is
-    compiled once and freed with it."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # the fused kernel that takes an additive mask (flash takes none); pinned on CUDA, so a shape or dtype it cannot

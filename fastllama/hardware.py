@@ -3,7 +3,8 @@
     machine("cpu") -> Machine(device="cpu", name="Intel(R) Xeon(R) Processor", cpu_capability="AVX512", ...)
 
 Every result that holds a speed carries one (`dataclasses.asdict(machine(device))`), so a number is never read
-without the machine that produced it, nor without how busy that machine was.
+without the machine that produced it, nor without how busy that machine was. `policy` decides from it which dtype
+and kernel each part of a model uses, and `simd_bits`/`own_code` how inductor compiles for this CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import torch
 
 CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 arithmetic (AVX512-BF16, AMX)
+DEQUANT_ROWS = 96  # from this many rows, CPU int4/int8 matmuls dequantize once and run one GEMM (measured: see policy)
+SIMD_BITS = {"AVX512": 512, "AVX2": 256}  # the vector width inductor's CPU code is written for, by capability
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Policy:
     fp32_linear: str        # float32 linears at batch 1 on the CPU: "onednn" or "mkl" (F.linear's sgemm)
     attn_dtype: str         # attention and the KV cache of the fast path ("model": the model's own dtype)
     compile_step: bool      # torch.compile the fast path's decode step (inductor; CUDA graphs on a GPU)
+    dequant_rows: int | None  # int4/int8 matmuls of this many rows or more dequantize once, then one float GEMM
     why: str                # the measurements behind it, in one line
 
 
@@ -92,14 +97,14 @@ def bf16_compute(m: Machine) -> bool:
 def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Policy:
     """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
     if (m.device != "cpu") if m else torch.device(device).type != "cpu":  # nothing about the GPU is read
-        return Policy("bfloat16", None, "bfloat16", "mkl", "model", True,
+        return Policy("bfloat16", None, "bfloat16", "mkl", "model", True, None,
                       "GPU: bf16 tensor cores; the head stays bf16 as in the reference study; "
                       "int8 and int4 weights dequantize inside their matmul; the decode step compiled with CUDA "
                       "graphs")
     m = m or machine(device)
     native, amd, cxx = bf16_compute(m), "AMD" in m.name, shutil.which(os.environ.get("CXX", "g++")) is not None
     return Policy(
-        "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32", cxx,
+        "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32", cxx, DEQUANT_ROWS,
         ("CPU with native bf16: float parts in bf16 (half the bytes)" if native else
          "CPU without native bf16 (emulated: a bf16 49152x576 head took 34 ms/token against 4.7 ms in float32 on an "
          "AVX2 EPYC): float parts in float32")
@@ -110,4 +115,23 @@ def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Poli
         "on MKL elsewhere (a Xeon with AMX decoded float32 in 29.8 ms/token through MKL, 42.3 through oneDNN); "
         + ("the decode step compiled by inductor (it fuses the norms, rotary and residual ops between the kernels: "
            "9.8 against 14.4 ms/token for gptq4 on a 2-core Xeon), cached on disk across processes" if cxx else
-           "the decode step eager: inductor needs a C++ compiler and none was found (install g++, or set CXX)"))
+           "the decode step eager: inductor needs a C++ compiler and none was found (install g++, or set CXX)")
+        + f"; int4/int8 matmuls of {DEQUANT_ROWS} rows or more (prefill, evaluation, calibration) dequantize the "
+        "weight once and run one GEMM in the float dtype (the kernels redo their dequantization for every 4 rows: "
+        "a 128x576x1536 int4 matmul took 1.42 ms in the kernel, 0.61 dequantized, on a 2-core AVX512 Xeon)")
+
+
+def simd_bits() -> int | None:
+    """The CPU vector width for inductor to compile for, named so that it is part of the compiled code's cache key
+    (None: inductor's own pick). Inductor picks the width from ATEN_CPU_CAPABILITY but its on-disk cache key omits
+    it: a step compiled under AVX2 (8 floats a vector) was reused under AVX512, built with 16-float vectors, and its
+    full-width stores wrote past their buffers (heap corruption, seen while emulating AVX2 on an AVX512 machine)."""
+    return SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
+
+
+def own_code(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with a code object of its own, to compile apart. Dynamo keeps compiled code, guards and the
+    recompile count per code object: shared by every decoder, Decoder.forward would recompile for each new model and
+    fail hard (fullgraph) at the 9th in one process, and hold every earlier model's compiled code; a decoder's own
+    copy is compiled once and freed with it (and each shape of `fastllama.nn`'s int4 dequantization has its own)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

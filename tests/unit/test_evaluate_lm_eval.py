@@ -67,8 +67,10 @@ def test_the_tasks_run_offline_on_a_compressed_model(tiny_model, tok, task_data)
         doc = sample["doc"]
         context = f"Question: {doc['goal']}\nAnswer:"
         scores = [ll for ll, _ in sample["filtered_resps"]]
+        # lm-eval's batches of 4 pass QuantLinear enough rows to dequantize once (fastllama.nn.DEQUANT_ROWS), one
+        # sequence runs the kernel: the two agree up to bfloat16 rounding (measured 2.5e-5 relative)
         assert scores == pytest.approx([loglik(model, tok, context, " " + doc[s]) for s in ("sol1", "sol2")],
-                                       abs=1e-4)
+                                       rel=2e-4, abs=1e-4)
     acc = sum(max(range(2), key=[ll for ll, _ in s["filtered_resps"]].__getitem__) == s["doc"]["label"]
               for s in out["samples"]["piqa"]) / len(PIQA)
     assert out["results"]["piqa"]["acc,none"] == acc

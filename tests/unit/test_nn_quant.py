@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastllama.nn
-from fastllama.nn import (GGUF_MIN_SCALE, INT4_GROUPS, PrunedInputLinear, QuantLinear, from_spec, fuse, grid_for,
-                          int4_group_for, quantize_values, sqnr_db, to_spec)
+from fastllama.nn import (DEQUANT_ROWS, GGUF_MIN_SCALE, INT4_GROUPS, PrunedInputLinear, QuantLinear, from_spec, fuse,
+                          grid_for, int4_group_for, quantize_values, sqnr_db, to_spec)
 
 pytestmark = pytest.mark.unit
 
@@ -270,6 +270,13 @@ for bits in (4, 8):  # a Llama layer's q/k/v (576, 192, 192 rows: whole blocks) 
     alone = torch.cat([p(x) for p in parts], -1)
     fused = fastllama.nn.fuse(parts)
     assert fused is not None and torch.equal(fused(x), alone), bits
+block = fastllama.nn._int4_block(192)  # many rows: the int4 weight dequantized from this capability's packing
+if block is not None:
+    q = torch.randint(0, 16, (192, 128), generator=torch.Generator().manual_seed(0))
+    module = QuantLinear.from_values(q, torch.rand(192, 4), torch.rand(192, 4), None, 4, 32)
+    scales, zeros = (module.scales_and_zeros[..., i].float().contiguous() for i in (0, 1))
+    assert torch.equal(fastllama.nn._int4_weight_t(module.packed, scales, zeros, block), module.dequantize().T)
+print(block)
 """
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
@@ -285,6 +292,7 @@ def test_cpu_int4_packing_unpacks_exactly_on_other_cpu_capabilities(capability):
     if done.returncode == 3:
         pytest.skip(f"this CPU cannot run {capability}")
     assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == {"AVX2": "32", "AVX512": "64"}.get(capability, done.stdout.split()[-1])
 
 
 def _parts(bits: int, rows: list[int], seed: int) -> list[QuantLinear]:
@@ -329,6 +337,45 @@ def test_what_cannot_fuse_is_left_alone(why, parts):
     before = held()
     assert fuse(parts) is None, why
     assert held() == before
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), groups=st.integers(1, 3), out=st.sampled_from([16, 48, 64, 80, 128, 192]),
+       extra=st.integers(0, 40), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_many_rows_dequantize_the_weight_once(bits, groups, out, extra, bias, seed):
+    """From DEQUANT_ROWS rows on, the CPU dequantizes the weight once and runs one GEMM instead of the kernel: the
+    result is x @ Ŵ.T up to the kernel's own rounding (the same bound), for every width, padded rows and a bias. An
+    int4 packing whose rows are not whole blocks (16, 48, 80 rows: the packing's blocks are 64 rows on AVX512, 32 on
+    AVX2, with a last partial block in another form) goes to the kernel."""
+    linear = make_linear(32 * groups, out, bias, seed)
+    q = QuantLinear.from_float(linear, bits, 32)
+    x = torch.randn(DEQUANT_ROWS + extra, linear.in_features)
+    with torch.no_grad():
+        y, ref = q(x), nn.functional.linear(x, q.dequantize(), linear.bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert sqnr_db(ref, y) > KERNEL_SQNR_DB
+    assert (q._dequantized_matmul(x) is not None) == (bits == 8 or out % 64 == 0)
+
+
+def test_a_large_weight_is_dequantized_a_slice_at_a_time(monkeypatch):
+    """A weight larger than DEQUANT_BYTES (a large vocabulary's head) is dequantized in slices of whole blocks of
+    rows, never whole; the result is the one-slice one."""
+    linear = make_linear(64, 448)
+    x = torch.randn(DEQUANT_ROWS, 64)
+    for bits in (4, 8):
+        q = QuantLinear.from_float(linear, bits, 32)
+        whole, slices = q._dequantized_matmul(x), []
+        dequantized_t = QuantLinear._dequantized_t
+
+        def record(self, first, rows, block):
+            slices.append(rows)
+            return dequantized_t(self, first, rows, block)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(QuantLinear, "_dequantized_t", record)
+            patch.setattr(fastllama.nn, "DEQUANT_BYTES", 64 * 64 * fastllama.nn.DEQUANT_DTYPE.itemsize)
+            torch.testing.assert_close(q._dequantized_matmul(x), whole)
+        assert slices == [64] * 7, bits  # 64 rows of 64 inputs a slice: whole blocks of 64 (AVX512) or 32 (AVX2)
 
 
 @settings(max_examples=20, deadline=None)

@@ -60,12 +60,15 @@ def test_avx2_dispatch_emulates_bf16_whatever_the_flags():
     """ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 machine runs the AVX2 kernels: the policy then keeps float32."""
     from dataclasses import replace
 
-    from fastllama.hardware import machine, policy
+    from fastllama.hardware import DEQUANT_ROWS, machine, policy
 
     m = replace(machine("cpu"), bf16_native=True, cpu_capability="AVX2")
     assert policy("cpu", m).float_dtype == "float32" and policy("cpu", replace(m, cpu_capability="AVX512")
                                                                ).float_dtype == "bfloat16"
     assert policy("cpu", m).head_bits == 8 and policy("cuda", replace(m, device="cuda:0")).head_bits is None
+    # many-row int4/int8 matmuls dequantize once on every CPU, never on a GPU (its kernels do it well)
+    assert policy("cpu", m).dequant_rows == DEQUANT_ROWS
+    assert policy("cuda", replace(m, device="cuda:0")).dequant_rows is None
 
 
 def test_steps_with_keys_and_presets_combined():

@@ -369,10 +369,12 @@ def _build(cfg: ReportConfig, names: list[str], recipes: list, device: str) -> d
     return folders
 
 
-def measure(folder: Path, device: str, data: str | None, limit: int | None, mode: str, prompt_len: int,
+def measure(folder: Path, device: str, data: str | None, limit: int | None, modes: tuple[str, ...], prompt_len: int,
             new_tokens: int, tasks: tuple[str, ...] = (), task_data: dict[str, str] | None = None,
-            task_limit: int | None = None) -> dict:
-    """Bench, RACE, perplexity and the lm-eval `tasks` (each one's numeric metrics) of one saved model, the load
+            task_limit: int | None = None, at_chance_also: str | None = None) -> dict:
+    """Bench, RACE in each of `modes` (and in `at_chance_also` where the first mode's interval holds chance: the
+    base's, which decides for every recipe, without a second process), perplexity and the lm-eval `tasks` (each
+    one's numeric metrics) of one saved model, the load
     average around the bench and the share of channels pruning removed. Runs in a fresh process (see `_fresh`), so
     peak memory belongs to this model alone: it is read right after the bench, before evaluation allocates its
     batches."""
@@ -391,7 +393,10 @@ def measure(folder: Path, device: str, data: str | None, limit: int | None, mode
                    for side, by in pruned_fraction(model).items() for width, share in by.items()}
     m["mlp_width"] = getattr(model.config, "intermediate_size", None)  # narrower where pruning folded MLP channels
     if tok is not None:
-        m |= {"race": _race(model, tok, data, limit, mode), "ppl": perplexity(model, tok, PPL_TEXT.read_text())}
+        race = {mode: _race(model, tok, data, limit, mode) for mode in modes}
+        if at_chance_also and at_chance(Row("", race=race), modes[0]):
+            race[at_chance_also] = _race(model, tok, data, limit, at_chance_also)
+        m |= {"race": race, "ppl": perplexity(model, tok, PPL_TEXT.read_text())}
         if tasks:
             from .evaluate import lm_eval_tasks
 
@@ -416,10 +421,9 @@ def _race(model, tok, data: str | None, limit: int | None, mode: str) -> dict:
 
 
 def _row(name: str, m: dict, device: str) -> Row:
-    race = m.pop("race", None)
     return Row(name, tpot_ms=m["tpot_ms"], tokens_per_s=m["tokens_per_s"], ttft_ms=m["ttft_ms"],
                peak_mem_gb=m["peak_mem_gb"] if device.startswith("cuda") else m["peak_rss_gb"], model_gb=m["model_gb"],
-               race={race["mode"]: race} if race else {}, ppl=m.pop("ppl", None), tasks=m.pop("tasks", {}),
+               race=m.pop("race", {}), ppl=m.pop("ppl", None), tasks=m.pop("tasks", {}),
                pruned=m.pop("pruned"),
                load=m.pop("load"), extra=m)
 
@@ -516,9 +520,12 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     rows: list[Row] = []
     for name in tqdm(names, desc="measure", unit="recipe"):
         if name not in done:
-            done[name] = _row(name, _fresh(measure, folders[name], device, cfg.data, cfg.limit, cfg.mode,
-                                           cfg.prompt_len, cfg.new_tokens, cfg.tasks, cfg.task_data, cfg.task_limit),
-                              device)
+            # letter mode at chance for the base: every recipe measures lm-eval mode too, in its one process
+            both = bool(rows) and cfg.mode == "letter" and at_chance(rows[0])
+            done[name] = _row(name, _fresh(measure, folders[name], device, cfg.data, cfg.limit,
+                                           ("letter", "lm-eval") if both else (cfg.mode,), cfg.prompt_len,
+                                           cfg.new_tokens, cfg.tasks, cfg.task_data, cfg.task_limit,
+                                           "lm-eval" if not rows and cfg.mode == "letter" else None), device)
         rows.append(done[name])
         write_results(cfg.out, rows, meta, name=partial.name)
     if cfg.mode == "letter" and at_chance(rows[0]):

@@ -157,14 +157,21 @@ def stub(monkeypatch, tmp_path):
     plot's mode and title."""
     calls, letter, plotted = [], [0.25], {}
 
-    def fresh(fn, folder, device, data, limit, mode, *bench_args):
-        calls.append((fn.__name__, folder.name, mode))
-        acc = letter[0] if mode == "letter" else LM_EVAL[folder.name]
-        result = race(acc, acc - 0.09, acc + 0.09, mode, n=100)
+    def fresh(fn, folder, device, data, limit, modes, *rest):
+        at_chance_also = rest[-1] if fn is report.measure else None
+        calls.append((fn.__name__, folder.name, modes, at_chance_also))
+
+        def result(mode):
+            acc = letter[0] if mode == "letter" else LM_EVAL[folder.name]
+            return race(acc, acc - 0.09, acc + 0.09, mode, n=100)
+
         if fn is report.measure_race:
-            return result
+            return result(modes)
+        measured = {mode: result(mode) for mode in modes}
+        if at_chance_also and at_chance(Row("", race=measured), modes[0]):
+            measured[at_chance_also] = result(at_chance_also)
         return {"tpot_ms": 10.0, "tokens_per_s": 100.0, "ttft_ms": 5.0, "peak_mem_gb": None, "peak_rss_gb": 0.5,
-                "model_gb": 0.2, "race": result, "ppl": 25.0, "pruned": {}, "load": 1.0, "mlp_width": 1536}
+                "model_gb": 0.2, "race": measured, "ppl": 25.0, "pruned": {}, "load": 1.0, "mlp_width": 1536}
 
     monkeypatch.setattr(report, "_build", lambda cfg, names, recipes, device: {n: tmp_path / n for n in names})
     monkeypatch.setattr(report, "_fresh", fresh)
@@ -176,7 +183,10 @@ def stub(monkeypatch, tmp_path):
 def test_letter_mode_at_chance_measures_and_plots_lm_eval(stub, tmp_path):
     calls, _, plotted = stub
     rows, meta = run_report(ReportConfig(model="m", recipes=RECIPES, out=tmp_path, device="cpu"))
-    assert calls == [("measure", r, "letter") for r in RECIPES] + [("measure_race", r, "lm-eval") for r in RECIPES]
+    # the base's letter interval holds chance: it measures lm-eval mode too, and every other recipe both modes, each
+    # in its one process
+    assert calls == [("measure", "bf16", ("letter",), "lm-eval"),
+                     *(("measure", r, ("letter", "lm-eval"), None) for r in RECIPES[1:])]
     assert [r.race["lm-eval"]["acc"] for r in rows] == [LM_EVAL[r] for r in RECIPES]
     assert meta["race_mode"] == "lm-eval" and meta["race_modes"] == ["letter", "lm-eval"]
     assert plotted["mode"] == "lm-eval" and plotted["title"].endswith("\nRACE lm-eval mode")
@@ -192,7 +202,8 @@ def test_letter_mode_above_chance_stays_the_only_mode(stub, tmp_path):
     calls, letter, plotted = stub
     letter[0] = 0.60  # interval 0.51-0.69: above chance
     rows, meta = run_report(ReportConfig(model="m", recipes=RECIPES, out=tmp_path, device="cpu"))
-    assert calls == [("measure", r, "letter") for r in RECIPES]
+    assert calls == [("measure", "bf16", ("letter",), "lm-eval"), *(("measure", r, ("letter",), None)
+                                                                     for r in RECIPES[1:])]
     assert meta["race_mode"] == "letter" and all(list(r.race) == ["letter"] for r in rows)
     assert plotted["mode"] == "letter" and plotted["title"].endswith("\nRACE letter mode")
     md = (tmp_path / "results.md").read_text()

@@ -2,9 +2,10 @@
 
 Each run is a `pytest -m perf --benchmark-json runN.json` of that budget on a quiet machine of its class. For every
 check the measured values of all runs go into `measured` (ceilings: `measured_<metric>`), and the floor is set to
-FLOOR_SET x their median (ceilings to their median / FLOOR_SET), inside the 15% the rules allow (tests/perf/gate.py),
-so that a 20% slowdown fails and run-to-run noise does not. Entries keep their other keys (`known_failure`, `peer`,
-`parent`); an `unmeasured` note is dropped once measured. The file is rewritten in place.
+FLOOR_SET x their median (PEER_FLOOR_SET against llama.cpp; ceilings to their median / FLOOR_SET), inside the 15% the
+rules allow (tests/perf/gate.py), so that a 20% slowdown fails and run-to-run noise does not. Entries keep their
+other keys (`known_failure`, `peer`, `parent`); an `unmeasured` note is dropped once measured. The file is rewritten
+in place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import sys
 from pathlib import Path
 
 FLOOR_SET = 0.9  # floors at 90% of the median: 10% under it, a 20% slowdown (0.833) still fails
+# against llama.cpp, 86%: the peer's own speed moves more than ours between runs (alone in a process, its Q4_0 decode
+# took 105-156 tok/s and its F32 24-44 from one run to the next on the 2-core Xeon, fastllama's within 5%); still
+# inside the rules' 15%, so a 20% slowdown still fails
+PEER_FLOOR_SET = 0.86
+PEER_SECTIONS = ("peers", "prefill_peers")
 CHECKS = {  # test function -> (budget section, the extra_info key it is judged on)
     "test_speedup_over_plain_generate": ("speedup", "speedup"),
     "test_not_slower_than_parent": ("vs_parent", "parent_ratio"),
@@ -45,7 +51,8 @@ def main(budget_path: str, *runs: str) -> None:
             continue
         median = statistics.median(values)
         if key == "floor":
-            entry |= {"floor": round(FLOOR_SET * median, 3), "measured": values}
+            fraction = PEER_FLOOR_SET if section in PEER_SECTIONS else FLOOR_SET
+            entry |= {"floor": round(fraction * median, 3), "measured": values}
         elif f"max_{key}" in entry:
             entry |= {f"max_{key}": round(median / FLOOR_SET, 4), f"measured_{key}": values}
         entry.pop("unmeasured", None)

@@ -122,7 +122,9 @@ def test_report_measures_the_tasks_named(tiny_model, tok, task_data, tmp_path):
     from fastllama.report import measure
 
     save(tiny_model, tmp_path / "m", tokenizer=tok)
-    m = measure(tmp_path / "m", "cpu", str(RACE), 4, "lm-eval", 8, 4, ("piqa",), {"piqa": str(task_data["piqa"])}, 3)
+    m = measure(tmp_path / "m", "cpu", str(RACE), 4, ("lm-eval",), 8, 4, ("piqa",), {"piqa": str(task_data["piqa"])},
+                3)
+    assert list(m["race"]) == ["lm-eval"] and m["race"]["lm-eval"]["n"] == 4
     piqa = m["tasks"]["piqa"]
     assert set(piqa) == {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"}
     assert piqa["acc,none"] in (0, 1 / 3, 2 / 3, 1)  # 3 documents

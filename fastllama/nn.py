@@ -624,7 +624,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = self._dequantized_matmul(x2) if x2.shape[0] >= DEQUANT_ROWS else None
+        # (not inside a compiled graph, e.g. a decode step of 96 sequences: the kernel serves it there)
+        many = x2.shape[0] >= DEQUANT_ROWS and not torch.compiler.is_compiling()
+        y = self._dequantized_matmul(x2) if many else None
         if y is None:
             x2 = nn.functional.pad(x2.to(SCALE_DTYPE), (0, self.pad_in)) if self.pad_in else x2.to(SCALE_DTYPE)
             if self.bits != 8:

@@ -3,6 +3,7 @@ quantized, pruned, coupled-pruned and layer-dropped models, and rejects bad inpu
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import shutil
@@ -24,6 +25,7 @@ from fastllama.gptq import Int8WeightOnlyConfig, RTNConfig, quantize_
 from fastllama.models import load_model
 from fastllama.nn import select
 from fastllama.prune import prune_model
+from fastllama.recipes import compress
 
 pytestmark = pytest.mark.unit
 
@@ -113,6 +115,19 @@ def _full_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
         for _ in range(new):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     return ids
+
+
+def test_a_compiled_step_of_many_sequences_runs_the_kernel(tiny_model, monkeypatch):
+    """A decode step of DEQUANT_ROWS sequences or more: eager, its quantized matmuls dequantize once
+    (fastllama.nn.DEQUANT_ROWS); compiled, they stay on the kernel (the per-shape compiled dequantization cannot
+    be traced into the step's graph), and decode as the eager step does on the kernel."""
+    import fastllama.nn
+
+    model = compress(copy.deepcopy(tiny_model), "rtn:bits=4,group=32")
+    ids = torch.randint(0, 512, (fastllama.nn.DEQUANT_ROWS, 5), generator=torch.Generator().manual_seed(0))
+    compiled = generate(model, ids, 3, compile=True)
+    monkeypatch.setattr(fastllama.nn, "DEQUANT_ROWS", 10 ** 9)  # the kernel everywhere, eager
+    assert torch.equal(compiled, generate(model, ids, 3, compile=False))
 
 
 def test_cache_is_sized_per_layer(tiny_model):

@@ -151,8 +151,9 @@ def _importance(linear: nn.Module, dim: int, importance: Tensor | None) -> Tenso
     return score
 
 
+CPU_POLICY = policy("cpu")  # this machine's, read once at import (it reads /proc/cpuinfo and looks for a compiler)
 # float32 CPU linears on oneDNN where the hardware policy says so (AMD CPUs); False: F.linear (MKL), as transformers
-ONEDNN = torch.backends.mkldnn.is_available() and policy("cpu").fp32_linear == "onednn"
+ONEDNN = torch.backends.mkldnn.is_available() and CPU_POLICY.fp32_linear == "onednn"
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
@@ -462,8 +463,8 @@ def unpack_bits(packed: Tensor, bits: int) -> Tensor:
 # from `DEQUANT_ROWS` rows on (prefill, evaluation, calibration) the weight is dequantized once into the policy's
 # float dtype and one GEMM runs (bf16 where native: AMX; float32 elsewhere). It is still only the integers that are
 # held: the float copy lives for one call.
-DEQUANT_ROWS = policy("cpu").dequant_rows or 0
-DEQUANT_DTYPE = getattr(torch, policy("cpu").float_dtype)
+DEQUANT_ROWS = CPU_POLICY.dequant_rows or 0
+DEQUANT_DTYPE = getattr(torch, CPU_POLICY.float_dtype)
 DEQUANT_BYTES = 64 << 20  # the most of a dequantized weight held at once: a large head is dequantized in slices
 
 

@@ -28,6 +28,12 @@ are carried beside them (on ASYM_SHARE of the sequences, in bfloat16 where the h
 float forward of each layer ahead of its quantization, and each linear's GPTQ aims at the float model's output on
 its own inputs rather than at its float weights on the quantized inputs (see `float_target`): the linears then
 also correct the error the layers before them left. The embedding stays float.
+With `rotate` (in the gptq4 preset), each linear's inputs are turned group by group by a Hadamard matrix R (see
+`nn.QuantLinear`): GPTQ quantizes V = W·R/g on the Hessian R·H·R of the turned inputs x·R, and the module turns its
+inputs the same way when it runs. R is orthogonal up to g, so nothing changes in float; but it spreads the few large
+weights of a group over all of it (and the inputs' large channels likewise), so the group's range narrows and its
+grid gets finer. Measured on the embedded model it took gptq4 from 1.15x to 1.09x the float model's perplexity on
+ppl.txt (see the README).
 The output head stays float too unless `lm_head=True`: it is then untied from the embedding and quantized on the
 final hidden states (it is the largest matmul of small models, so CPU decode speed needs it).
 """
@@ -45,8 +51,8 @@ from tqdm.auto import tqdm
 
 from .data import check_calib
 from .hardware import policy
-from .nn import (QuantLinear, check_grid, check_quant_config, dequantize_values, grid_for, int4_group_for,
-                 quantize_values, tied_head)
+from .nn import (QuantLinear, check_grid, check_quant_config, dequantize_values, grid_for, hadamard,
+                 int4_group_for, quantize_values, rotate_groups, tied_head)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +91,16 @@ class GPTQConfig(RTNConfig):
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
     asym: bool = False  # aim each linear at the float model's output, not its own on quantized inputs (float_target)
+    rotate: bool = False  # quantize W·R/g, each input group turned by a Hadamard matrix (nn.QuantLinear, rotate)
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp!r} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
+        if self.rotate and self.bits == 8:
+            raise ValueError("rotate=true needs bits below 8 (it turns each group of inputs); use rotate=false with "
+                             "bits=8")
 
 
 class _Stop(Exception):
@@ -254,12 +264,16 @@ def gptq_quantize(weight: Tensor, H: Tensor, bits: int, group_size: int, act_ord
 
 
 def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig, P: Tensor | None = None) -> QuantLinear:
-    """GPTQ of `linear` on the Hessian `H` of its inputs; of W + WP with `P` (see `float_target`)."""
+    """GPTQ of `linear` on the Hessian `H` of its inputs; of W + WP with `P` (see `float_target`). With
+    `config.rotate`, of V = W·R/g on the Hessian R·H·R of the turned inputs x·R (R: `nn.rotate_groups`)."""
     group = _group(linear, config)
     weight = linear.weight if P is None else linear.weight + linear.weight.float() @ P
+    if config.rotate:
+        h = hadamard(group, H.device)
+        weight, H = rotate_groups(weight.float(), h) / group, rotate_groups(rotate_groups(H, h).T, h)
     q, scales, zeros = gptq_quantize(weight, H, config.bits, group, config.act_order, config.damp,
                                      config.block_size, config.clip, config.grid)
-    return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group)
+    return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group, config.rotate)
 
 
 # ---------------------------------------------------------------- GPTQ over the decoder

@@ -373,6 +373,30 @@ def sqnr_db(ref: Tensor, test: Tensor) -> float:
     return (10 * torch.log10(ref.float().pow(2).mean() / (ref.float() - test.float()).pow(2).mean())).item()
 
 
+def hadamard(n: int, device: str | torch.device | None = None) -> Tensor:
+    """The n x n Sylvester Hadamard matrix (n a power of 2), float32: entries ±1, symmetric, H·H = n·I. Its ±1 entries
+    are exact in every float dtype, so a rotation by it rounds only its sums. One tensor per size and device, shared
+    by every module holding it (so it is counted once in a model's bytes): read it, never write it."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-2 size, got {n}")
+    return _hadamard(n, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard(n: int, device: torch.device) -> Tensor:
+    h = torch.ones(1, 1, device=device)
+    while len(h) < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+def rotate_groups(t: Tensor, h: Tensor) -> Tensor:
+    """`t` [..., n] with each group of g consecutive columns multiplied by `h` = `hadamard(g)`: t·R, R block-diagonal
+    (R·R = g·I), in float32. A quantized weight's groups and R's blocks coincide. In float32 for speed too: at batch 1
+    a bfloat16 [9, 64] x [64, 64] matmul took 24 us on a 2-core Xeon (oneDNN), a float32 one 4 (MKL)."""
+    return (t.float().unflatten(-1, (-1, len(h))) @ h).flatten(-2)
+
+
 def _int4_mm(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
     if x.device.type == "cuda":
         return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
@@ -534,17 +558,28 @@ class QuantLinear(nn.Module):
     CPU) and the output back. Shapes the kernels cannot take (pruned to a count not divisible by
     KERNEL_MULTIPLE) are zero-padded inside.
 
+    With `rotate` (below 8 bits), each group of the input is turned by a Hadamard matrix R_g (see `hadamard`) before
+    the kernel: y = (x·R)·Vᵀ + b, R block-diagonal over the groups, and the integers and scales hold V = W·R/g, so
+    Ŵ = V·R is the weight in the input's own basis (`dequantize`). R spreads a group's few large weights (and the
+    inputs' large channels) over the whole group, so its grid gets finer (see `fastllama.gptq`); it costs one small
+    float32 matmul per call (gptq4's decode step on the embedded model: 6.8 -> 7.4 ms on a 2-core Xeon), and exporters
+    refuse it (GGUF and compressed-tensors have no place for R).
+
     The buffers are packed for the kernel of their device. `state_dict()` holds the portable form instead
     (`qweight`: the integer values, packed at their width below 8 bits; `scales`; `zeros`; `bias`),
     `load_state_dict` packs it for the module's device, and `.to(device)` repacks.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
-                 bias: bool = False, device: str | torch.device | None = None):
+                 bias: bool = False, device: str | torch.device | None = None, rotate: bool = False):
         super().__init__()
         group_size = in_features if bits == 8 else group_size
         check_quant_shape(in_features, bits, group_size)
+        if rotate and bits == 8:
+            raise ValueError("rotate=True needs bits below 8 (groups to rotate); 8-bit has one scale per row")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.rotate = rotate  # inputs turned by a Hadamard matrix per group (see the class docstring)
+        self.register_buffer("hadamard", hadamard(group_size, device) if rotate else None, persistent=False)
         self.pad_out = -out_features % KERNEL_MULTIPLE if bits != 8 else 0  # zero rows the kernel computes
         self.pad_in = -in_features % KERNEL_MULTIPLE if bits == 8 else 0  # zero columns, and zeros padded to x
         self.in_granularity = group_size if bits != 8 else 1  # the column block that input pruning keeps whole
@@ -566,9 +601,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_values(cls, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None, bits: int,
-                    group_size: int) -> QuantLinear:
-        """A QuantLinear of integer values q [out, in] on the grid (scales, zeros) [out, in/group_size]."""
-        module = cls(q.shape[1], q.shape[0], bits, group_size, bias is not None, q.device)
+                    group_size: int, rotate: bool = False) -> QuantLinear:
+        """A QuantLinear of integer values q [out, in] on the grid (scales, zeros) [out, in/group_size] (with
+        `rotate`, the values of V: see the class docstring)."""
+        module = cls(q.shape[1], q.shape[0], bits, group_size, bias is not None, q.device, rotate)
         module.set_values(q, scales, zeros, bias)
         return module
 
@@ -613,18 +649,21 @@ class QuantLinear(nn.Module):
 
     def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
-        for 8-bit)."""
+        for 8-bit): with `rotate`, those of V (see the class docstring)."""
         scales, zeros = self._scales_zeros()
         return self._integers().int(), scales.float(), None if zeros is None else zeros.float()
 
     def dequantize(self) -> Tensor:
-        """Ŵ [out, in] in float32: the weight the kernel computes with."""
+        """Ŵ [out, in] in float32: the weight the module computes with (with `rotate`, V·R: in the input's basis)."""
         q, scales, zeros = self.values()
         expand = lambda t: None if t is None else t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
-        return dequantize_values(q.float(), expand(scales), expand(zeros))
+        w = dequantize_values(q.float(), expand(scales), expand(zeros))
+        return rotate_groups(w, self.hadamard) if self.rotate else w
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.rotate:
+            x2 = rotate_groups(x2, self.hadamard)
         # (not inside a compiled graph, e.g. a decode step of 96 sequences: the kernel serves it there)
         many = x2.shape[0] >= DEQUANT_ROWS and not torch.compiler.is_compiling()
         y = self._dequantized_matmul(x2) if many else None
@@ -677,11 +716,13 @@ class QuantLinear(nn.Module):
                                  "(see in_granularity); pass whole, aligned groups")
             groups = index[::self.group_size] // self.group_size
             scales, zeros = scales[:, groups], zeros[:, groups]
-        return QuantLinear.from_values(q.index_select(dim, index), scales, zeros, bias, self.bits, self.group_size)
+        return QuantLinear.from_values(q.index_select(dim, index), scales, zeros, bias, self.bits, self.group_size,
+                                       self.rotate)
 
     def spec(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+        spec = {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
                 "group_size": self.group_size, "bias": self.bias is not None}
+        return spec | {"rotate": True} if self.rotate else spec  # checkpoints from before `rotate` read as False
 
     @classmethod
     def from_spec(cls, spec: dict) -> QuantLinear:
@@ -725,19 +766,21 @@ class QuantLinear(nn.Module):
             self._set_portable(mine, self.packed.device)
 
     def _apply(self, fn, recurse=True):
-        """`.to()`, `.cuda()`, `.half()`...: the bias follows `fn`; the integers and bfloat16 scales only follow
-        a change of device, unpacked (not read back through a kernel: see `_integers`) and repacked for the new
-        device's kernel."""
+        """`.to()`, `.cuda()`, `.half()`...: the bias follows `fn`; the integers, bfloat16 scales and Hadamard
+        matrix only follow a change of device, the integers unpacked (not read back through a kernel: see
+        `_integers`) and repacked for the new device's kernel."""
         device = fn(torch.empty(0, device=self.packed.device)).device
         if device != self.packed.device:
             self._set_portable(self.portable(), device)
+        if self.hadamard is not None:  # ±1: kept in float32, cast to the input's dtype where it is used
+            self.hadamard = hadamard(self.group_size, device)
         if self.bias is not None:
             self.bias = fn(self.bias)
         return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, rotate={self.rotate}")
 
 
 # ------------------------------------------------------------------------------------------------ fusion
@@ -745,22 +788,23 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
     """One QuantLinear computing `torch.cat([p(x) for p in parts], -1)` in a single kernel call, holding the
     integers once: each part's `packed` becomes a view of its rows in the fused one (same values, nothing held
     twice), so the parts still compute alone, as before. None (the parts untouched) unless all are CPU
-    QuantLinears of one width, group and input size, without bias or padded rows, whose packings concatenate by
-    rows (checked on the packing's measured layout, not assumed: the CPU int4 packing works in blocks of 32 or 64
-    rows).
+    QuantLinears of one width, group, rotation and input size, without bias or padded rows, whose packings
+    concatenate by rows (checked on the packing's measured layout, not assumed: the CPU int4 packing works in blocks
+    of 32 or 64 rows).
 
     A decode step at batch 1 pays a fixed cost per kernel call (about 15 us of the 24 a 576x576 int4 call takes on
     a 2-core Xeon): q/k/v as one call and gate/up as one cut the 7 calls of a Llama layer to 4."""
     first = parts[0]
     if len(parts) < 2 or any(
             type(p) is not QuantLinear or p.in_features != first.in_features or p.bits != first.bits
-            or p.group_size != first.group_size or p.pad_out or p.bias is not None or p.packed.device.type != "cpu"
-            for p in parts):
+            or p.group_size != first.group_size or p.rotate != first.rotate or p.pad_out or p.bias is not None
+            or p.packed.device.type != "cpu" for p in parts):
         return None
     if first.bits != 8 and not _int4_rows_concatenate([p.out_features for p in parts]):
         return None  # a packing that interleaves rows across the parts' boundaries
-    fused = QuantLinear(first.in_features, KERNEL_MULTIPLE, first.bits, first.group_size, device="meta")
-    fused.out_features = sum(p.out_features for p in parts)
+    fused = QuantLinear(first.in_features, KERNEL_MULTIPLE, first.bits, first.group_size, device="meta",
+                        rotate=first.rotate)
+    fused.out_features, fused.hadamard = sum(p.out_features for p in parts), first.hadamard
     fused.packed = torch.cat([p.packed for p in parts])
     if first.bits == 8:
         fused.scales = torch.cat([p.scales for p in parts])

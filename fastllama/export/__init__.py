@@ -52,6 +52,10 @@ def dense_weight(module: nn.Module, name: str = "") -> DenseWeight:
     if isinstance(module, nn.Linear):
         return DenseWeight(module.weight.detach().float(), bias=module.bias)
     if isinstance(module, QuantLinear):
+        if module.rotate:
+            raise ValueError(f"{name}: its inputs are rotated (a QuantLinear with rotate=True, from gptq rotate=true, "
+                             "as in the gptq4 preset): GGUF and compressed-tensors have no place for the rotation; "
+                             "quantize for export with rotate=false, e.g. gptq:bits=4,group=128,grid=sym")
         q, scales, zeros = module.values()
         return DenseWeight(None, q, scales, zeros, module.bits, module.group_size, module.bias)
     if not isinstance(module, (PrunedInputLinear, PrunedOutputLinear)):

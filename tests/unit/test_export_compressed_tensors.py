@@ -133,6 +133,15 @@ def test_kernel_4bit_grid_is_refused(tiny_model, tmp_path):
         export(model, None, "compressed-tensors", tmp_path / "m")
 
 
+def test_rotated_linears_are_refused(tiny_model, tmp_path):
+    """GPTQ with rotate=true (the gptq4 preset) turns each group of inputs by a Hadamard matrix, which the export
+    does not write (compressed-tensors' transforms are left for later): refused, nothing written."""
+    model = compress(tiny_model, "gptq:bits=4,group=128,grid=sym,rotate=true", torch.randint(0, 512, (4, 64)))
+    with pytest.raises(ValueError, match="rotate=false"):
+        export(model, None, "compressed-tensors", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_widths_below_4_bits_are_refused(tiny_model, tmp_path):
     model = compress(tiny_model, "rtn:bits=3,group=64,grid=sym")
     with pytest.raises(ValueError, match="3-bit weights have no form here"):

@@ -134,6 +134,14 @@ def test_kernel_4bit_grid_is_refused(tiny_model, tmp_path):
         export(model, None, "gguf", tmp_path / "m.gguf")
 
 
+def test_rotated_linears_are_refused(tiny_model, tmp_path):
+    """GPTQ with rotate=true (the gptq4 preset) turns each group of inputs by a Hadamard matrix: GGUF cannot hold it."""
+    model = compress(tiny_model, "gptq:bits=4,group=32,grid=q4_0,rotate=true", torch.randint(0, 512, (4, 64)))
+    with pytest.raises(ValueError, match="rotate=false"):
+        export(model, None, "gguf", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_a_width_off_the_block_is_refused(tiny_model, tmp_path):
     """Output pruning keeps 192 of 256 rows of gate and of up; the MLP folds to the channels both keep (147 with
     this seed), not a multiple of 32: a quantized down_proj that wide has no Q8_0 form."""

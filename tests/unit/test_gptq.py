@@ -15,7 +15,8 @@ from torch import nn
 from fastllama.gptq import (CLIP_SHRINKS, GPTQConfig, Int8WeightOnlyConfig, RTNConfig, _capture, _gptq, _gptq_layer,
                             clip_grid, float_target, gptq_quantize, hessian, quantize_)
 from fastllama.hardware import policy
-from fastllama.nn import GGUF_MIN_SCALE, QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values
+from fastllama.nn import (GGUF_MIN_SCALE, QuantLinear, dequantize_values, grid_for, quant_grid, quantize_values,
+                          sqnr_db)
 
 pytestmark = pytest.mark.unit
 
@@ -288,9 +289,10 @@ def calib(n: int = 4, seqlen: int = 16) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=64), GPTQConfig(bits=8, act_order=True),
-                                    GPTQConfig(bits=4, group_size=64, asym=True), RTNConfig(bits=4, group_size=32),
-                                    Int8WeightOnlyConfig()],
-                         ids=["gptq4", "gptq8-act", "gptq4-asym", "rtn4", "int8wo"])
+                                    GPTQConfig(bits=4, group_size=64, asym=True),
+                                    GPTQConfig(bits=4, group_size=64, asym=True, rotate=True),
+                                    RTNConfig(bits=4, group_size=32), Int8WeightOnlyConfig()],
+                         ids=["gptq4", "gptq8-act", "gptq4-asym", "gptq4-rotate", "rtn4", "int8wo"])
 def test_quantize_swaps_every_decoder_linear(tiny_model, config):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
@@ -299,7 +301,7 @@ def test_quantize_swaps_every_decoder_linear(tiny_model, config):
     swapped = [m for m in tiny_model.model.layers.modules() if isinstance(m, QuantLinear)]
     assert len(swapped) == 7 * len(tiny_model.model.layers)
     assert not any(type(m) is nn.Linear for m in tiny_model.model.layers.modules())
-    assert all(m.bits == config.bits for m in swapped)
+    assert all(m.bits == config.bits and m.rotate == getattr(config, "rotate", False) for m in swapped)
     assert type(tiny_model.lm_head) is nn.Linear  # the head stays float (and tied) by default
     assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
     with torch.no_grad():
@@ -335,6 +337,7 @@ def test_group_falls_back_to_one_dividing_in_features(caplog):
     (dict(bits=5), "bits=5 is not supported; valid: 2, 3, 4"),
     (dict(bits=4, group_size=100), "group_size=100 cannot be taken by the int4 kernel; valid: 32, 64, 128, 256"),
     (dict(damp=0.0), "damp=0.0 must lie in"),
+    (dict(bits=8, rotate=True), "rotate=true needs bits below 8"),
 ])
 def test_bad_configs_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -399,3 +402,22 @@ def test_gptq3_on_a_model_holds_3_bit_linears(tiny_model):
     swapped = [m for m in tiny_model.model.layers.modules() if isinstance(m, QuantLinear)]
     assert len(swapped) == 7 * len(tiny_model.model.layers) and all(m.bits == 3 for m in swapped)
     assert all(4 <= m.values()[0].min() and m.values()[0].max() <= 11 for m in swapped)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rotated_gptq_reconstructs_weights_with_outliers_better(seed):
+    """Trained weights have outliers: a few large weights set a group's range and coarsen its grid for all the others.
+    A Hadamard turn of each group (rotate) spreads them over the group. With 2% of N(0, 1) weights made 10x larger,
+    GPTQ's outputs gained 5.6-8.0 dB SQNR from it over 40 seeds. The module computes with the weight in the inputs'
+    basis, so its outputs are compared with the float linear's directly."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=gen)
+    w[torch.rand(64, 128, generator=gen) < 0.02] *= 10
+    linear = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w * 0.05)
+    x = correlated_inputs(512, 128, seed)
+    H, ref = hessian(x), linear(x).detach()
+    plain, rotated = (sqnr_db(ref, _gptq(linear, H, GPTQConfig(bits=4, group_size=64, rotate=r))(x).detach())
+                      for r in (False, True))
+    assert rotated > plain + 3.0, (plain, rotated)

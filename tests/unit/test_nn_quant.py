@@ -17,7 +17,7 @@ from torch import nn
 
 import fastllama.nn
 from fastllama.nn import (DEQUANT_ROWS, GGUF_MIN_SCALE, INT4_GROUPS, PrunedInputLinear, QuantLinear, from_spec, fuse,
-                          grid_for, int4_group_for, quantize_values, sqnr_db, to_spec)
+                          grid_for, hadamard, int4_group_for, quantize_values, rotate_groups, sqnr_db, to_spec)
 
 pytestmark = pytest.mark.unit
 
@@ -327,6 +327,7 @@ def test_fused_parts_compute_what_they_did_alone(bits, rows, seed):
     ("groups differ", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(64, 64, bias=False), 4, 64)]),
     ("inputs differ", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(96, 64, bias=False), 4, 32)]),
     ("a bias", lambda: _parts(4, [64], 0) + [QuantLinear.from_float(nn.Linear(64, 64), 4, 32)]),
+    ("rotations differ", lambda: _parts(4, [64], 0) + [_rotated(64, 64, 4, 32, 0)]),
     ("padded rows", lambda: [QuantLinear.from_float(nn.Linear(64, 40, bias=False), 4, 32)] + _parts(4, [64], 0)),
     ("float", lambda: [nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)]),
     ("pruned", lambda: [PrunedInputLinear.from_linear(p, 0.5) for p in _parts(4, [64, 64], 0)]),
@@ -427,3 +428,68 @@ def test_cuda_kernel_matches_cpu(cuda):
             assert torch.equal(v.cpu(), state[k])
         back = copy.deepcopy(on_gpu).to("cpu")
         assert torch.equal(back(x), on_cpu(x))
+
+
+# ------------------------------------------------------------ rotate: inputs turned by a Hadamard matrix per group
+def _rotated(cols: int, out: int, bits: int, group: int, seed: int, bias: bool = False) -> QuantLinear:
+    """A rotated QuantLinear of random integers on a random grid (V; its weight in the inputs' basis is V·R)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = LEVELS[bits]
+    q = torch.randint(lo, hi + 1, (out, cols), generator=gen)
+    scales, zeros = torch.rand(out, cols // group, generator=gen) + 0.1, torch.randn(out, cols // group, generator=gen)
+    return QuantLinear.from_values(q, scales, zeros, torch.randn(out, generator=gen) if bias else None, bits, group,
+                                   rotate=True)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_hadamard_is_symmetric_orthogonal_up_to_n_and_plus_minus_one(n):
+    h = hadamard(n)
+    assert torch.equal(h, h.T) and torch.equal(h @ h, n * torch.eye(n)) and torch.equal(h.abs(), torch.ones(n, n))
+
+
+@pytest.mark.parametrize("n", [0, 3, 96])
+def test_hadamard_of_a_size_not_a_power_of_2_is_refused(n):
+    with pytest.raises(ValueError, match="power-of-2"):
+        hadamard(n)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([32, 64, 128]), groups=st.integers(1, 3),
+       out=st.sampled_from([16, 64, 128]), rows=st.sampled_from([1, 5, DEQUANT_ROWS + 3]), bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_a_rotated_linear_computes_with_its_weight_in_the_inputs_basis(bits, group, groups, out, rows, bias, seed):
+    """y = (x·R)·Vᵀ + b = x·Ŵᵀ + b with Ŵ = V·R (`dequantize`), on the kernel (few rows) and dequantized (many), up to
+    the kernel's own rounding; Ŵ is V turned group by group (R·R = g·I undoes it)."""
+    q = _rotated(group * groups, out, bits, group, seed, bias)
+    plain = QuantLinear.from_values(*q.values(), q.bias, bits, group)  # V itself, on the inputs as they come
+    v, w = plain.dequantize(), q.dequantize()
+    torch.testing.assert_close(w, rotate_groups(v, hadamard(group)))
+    torch.testing.assert_close(rotate_groups(w, hadamard(group)) / group, v)
+    x = torch.randn(rows, group * groups)
+    with torch.no_grad():
+        y = q(x)
+    assert sqnr_db(nn.functional.linear(x, w, q.bias), y) > KERNEL_SQNR_DB
+
+
+def test_a_rotated_linear_round_trips_selects_and_fuses():
+    """The rotation is part of the spec (checkpoints rebuild it; specs from before it read as unrotated), survives
+    `select` of rows and of whole groups, and fuses only with rotated parts, bit for bit."""
+    q = _rotated(128, 64, 4, 32, 0)
+    x = torch.randn(3, 128)
+    assert to_spec(q)["rotate"] is True and "rotate" not in to_spec(QuantLinear(128, 64, 4, 32))
+    loaded = from_spec(to_spec(q))
+    loaded.load_state_dict(q.state_dict())
+    assert loaded.rotate and torch.equal(loaded(x), q(x))
+    rows, cols = torch.arange(0, 64, 2), torch.arange(32, 96)
+    torch.testing.assert_close(q.select(0, rows)(x), q(x)[:, rows])
+    assert sqnr_db(x[:, cols] @ q.dequantize()[:, cols].T, q.select(1, cols)(x[:, cols])) > KERNEL_SQNR_DB
+    parts = [_rotated(128, 64, 4, 32, seed) for seed in (1, 2)]
+    alone = [p(x) for p in parts]
+    fused = fuse(parts)
+    assert fused.rotate and torch.equal(fused(x), torch.cat(alone, -1))
+    assert len({p.hadamard.data_ptr() for p in (q, loaded, *parts, fused)}) == 1  # one matrix, counted once
+
+
+def test_rotate_needs_groups():
+    with pytest.raises(ValueError, match="rotate=True needs bits below 8"):
+        QuantLinear(64, 16, bits=8, rotate=True)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def test_presets_of_the_reference_study():
     auto = [HeadStep("auto"), CastStep("auto")]  # quantized presets finish by the hardware policy
-    gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=True)  # spelled out in the preset
+    gptq4 = GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=True, rotate=True)  # spelled out
     gptq8 = GPTQConfig(bits=8, act_order=True, clip=False)
     assert parse_recipe("gptq4").steps == [gptq4, *auto]
     assert parse_recipe("gptq8").steps == [gptq8, *auto]
@@ -32,10 +32,10 @@ def test_presets_of_the_reference_study():
 
 
 def test_older_gptq4_text_keeps_its_meaning():
-    """gptq4 before asym was spelled without it: that text still makes the model it made (asym off)."""
+    """gptq4 before asym and rotate was spelled without them: that text still makes the model it made (both off)."""
     older = parse_recipe("gptq:bits=4,group=128,act_order=true,clip=true").steps[0]
-    assert older == GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=False)
-    assert parse_recipe("gptq4").steps[0] == GPTQConfig(**{**vars(older), "asym": True})
+    assert older == GPTQConfig(bits=4, group_size=128, act_order=True, clip=True, asym=False, rotate=False)
+    assert parse_recipe("gptq4").steps[0] == GPTQConfig(**{**vars(older), "asym": True, "rotate": True})
 
 
 @pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])

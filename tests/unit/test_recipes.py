@@ -136,8 +136,8 @@ def test_bad_recipes_are_clear_errors(text, message):
 
 def test_presets_below_4_bits_use_small_groups():
     auto = [HeadStep("auto"), CastStep("auto")]
-    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64, asym=True), *auto]
-    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32, asym=True), *auto]
+    assert parse_recipe("gptq3").steps == [GPTQConfig(bits=3, group_size=64, asym=True, rotate=True), *auto]
+    assert parse_recipe("gptq2").steps == [GPTQConfig(bits=2, group_size=32, asym=True, rotate=True), *auto]
     assert parse_recipe("rtn:bits=2,group=256").steps == [RTNConfig(bits=2, group_size=256)]
 
 

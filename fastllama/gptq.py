@@ -69,10 +69,14 @@ class RTNConfig:
     group_size: int = 128  # input channels per 4-bit scale/zero; per layer, the largest kernel group dividing it
     lm_head: bool = False  # also quantize the output head (untied from the embedding, which stays float)
     grid: str = "kernel"  # kernel (the kernels' own), sym (zero 0, any group), q4_0 / q8_0 (GGUF's): nn.grid_for
+    rotate: bool = False  # quantize W·R/g, each input group turned by a Hadamard matrix (nn.QuantLinear, rotate)
 
     def __post_init__(self):
         check_quant_config(self.bits, self.group_size)
         check_grid(self.grid, self.bits, self.group_size)
+        if self.rotate and self.bits == 8:
+            raise ValueError("rotate=true needs bits below 8 (it turns each group of inputs); use rotate=false with "
+                             "bits=8")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Int8WeightOnlyConfig(RTNConfig):
 
     bits: int = field(default=8, init=False)  # always 8
     grid: str = field(default="kernel", init=False)  # the int8 kernel's own (symmetric already)
+    rotate: bool = field(default=False, init=False)  # one scale per row: no groups to turn
 
 
 @dataclass
@@ -91,16 +96,12 @@ class GPTQConfig(RTNConfig):
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     clip: bool = True  # search each group's clipping range (see clip_grid) instead of taking its min-max
     asym: bool = False  # aim each linear at the float model's output, not its own on quantized inputs (float_target)
-    rotate: bool = False  # quantize W·R/g, each input group turned by a Hadamard matrix (nn.QuantLinear, rotate)
     block_size: int = 128  # columns per lazy block (raised to the group size when that is larger)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.damp < 1:
             raise ValueError(f"damp={self.damp!r} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
-        if self.rotate and self.bits == 8:
-            raise ValueError("rotate=true needs bits below 8 (it turns each group of inputs); use rotate=false with "
-                             "bits=8")
 
 
 class _Stop(Exception):
@@ -154,7 +155,7 @@ def _log_group_fallbacks(model: nn.Module, config: RTNConfig) -> None:
 
 
 def _rtn(linear: nn.Linear, config: RTNConfig) -> QuantLinear:
-    return QuantLinear.from_float(linear, config.bits, _group(linear, config), config.grid)
+    return QuantLinear.from_float(linear, config.bits, _group(linear, config), config.grid, config.rotate)
 
 
 def quantize_head_(model: nn.Module, config: RTNConfig) -> nn.Module:

@@ -590,14 +590,18 @@ class QuantLinear(nn.Module):
                         torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, grid: str = "kernel") -> QuantLinear:
-        """Round-to-nearest quantization of `linear` onto `grid` (see `grid_for`; "kernel": min-max grids)."""
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, grid: str = "kernel",
+                   rotate: bool = False) -> QuantLinear:
+        """Round-to-nearest quantization of `linear` onto `grid` (see `grid_for`; "kernel": min-max grids); with
+        `rotate`, of V = W·R/g (see the class docstring)."""
         group_size = linear.in_features if bits == 8 else group_size
         check_quant_shape(linear.in_features, bits, group_size)
-        w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)
+        w = linear.weight.detach().float()
+        w = rotate_groups(w, hadamard(group_size, w.device)) / group_size if rotate else w
+        w = w.reshape(linear.out_features, -1, group_size)
         scale, zero = grid_for(w, bits, grid)
         q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None], bits)
-        return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size)
+        return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size, rotate)
 
     @classmethod
     def from_values(cls, q: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None, bits: int,

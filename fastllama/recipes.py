@@ -9,7 +9,8 @@ A recipe is steps joined by ` + `, each `name:key=value,key=value` (or a preset 
                                                                     lm_head=false, grid=sym (symmetric, for
                                                                     compressed-tensors), q4_0 (with group=32) or
                                                                     q8_0 (bits=8): GGUF's grids
-    rtn:bits=4,group=128,lm_head=false                              round-to-nearest, the baseline (grid= too)
+    rtn:bits=4,group=128,lm_head=false                              round-to-nearest, the baseline (grid=,
+                                                                    rotate= too)
     int8wo:lm_head=false                                            int8 weight-only, per output channel
     prune:input=0.10,importance=l1                                  one of input/output/mlp/heads = the fraction
                                                                     pruned; importance l1 or act (calibration)
@@ -161,7 +162,8 @@ STEPS: dict[str, tuple[type, dict[str, str]]] = {
     "gptq": (GPTQConfig, {"bits": "bits", "group": "group_size", "act_order": "act_order", "damp": "damp",
                           "lm_head": "lm_head", "grid": "grid", "clip": "clip", "asym": "asym",
                           "rotate": "rotate"}),
-    "rtn": (RTNConfig, {"bits": "bits", "group": "group_size", "lm_head": "lm_head", "grid": "grid"}),
+    "rtn": (RTNConfig, {"bits": "bits", "group": "group_size", "lm_head": "lm_head", "grid": "grid",
+                        "rotate": "rotate"}),
     "int8wo": (Int8WeightOnlyConfig, {"lm_head": "lm_head"}),
     "prune": (PruneStep, {"importance": "importance"}),
     "drop": (DropStep, {"layers": "layers"}),
@@ -247,6 +249,8 @@ def _format_step(step: Step) -> str:
         keys.pop("group", None)
     if getattr(step, "grid", None) == "kernel":  # the default grid: older recipe texts stay as they were
         keys.pop("grid", None)
+    if getattr(step, "rotate", None) is False:  # likewise without rotation
+        keys.pop("rotate", None)
     value = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
     return f"{name}:" + ",".join(f"{k}={value(getattr(step, f))}" for k, f in keys.items())
 

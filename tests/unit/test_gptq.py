@@ -291,8 +291,9 @@ def calib(n: int = 4, seqlen: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=64), GPTQConfig(bits=8, act_order=True),
                                     GPTQConfig(bits=4, group_size=64, asym=True),
                                     GPTQConfig(bits=4, group_size=64, asym=True, rotate=True),
-                                    RTNConfig(bits=4, group_size=32), Int8WeightOnlyConfig()],
-                         ids=["gptq4", "gptq8-act", "gptq4-asym", "gptq4-rotate", "rtn4", "int8wo"])
+                                    RTNConfig(bits=4, group_size=32), RTNConfig(bits=4, group_size=32, rotate=True),
+                                    Int8WeightOnlyConfig()],
+                         ids=["gptq4", "gptq8-act", "gptq4-asym", "gptq4-rotate", "rtn4", "rtn4-rotate", "int8wo"])
 def test_quantize_swaps_every_decoder_linear(tiny_model, config):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():

@@ -376,7 +376,8 @@ def sqnr_db(ref: Tensor, test: Tensor) -> float:
 def hadamard(n: int, device: str | torch.device | None = None) -> Tensor:
     """The n x n Sylvester Hadamard matrix (n a power of 2), float32: entries ±1, symmetric, H·H = n·I. Its ±1 entries
     are exact in every float dtype, so a rotation by it rounds only its sums. One tensor per size and device, shared
-    by every module holding it (so it is counted once in a model's bytes): read it, never write it."""
+    by every module built with it (so it is counted once in a model's bytes; a module moved to another device takes
+    its own copy there): read it, never write it."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard matrix needs a power-of-2 size, got {n}")
     return _hadamard(n, torch.device(device or "cpu"))
@@ -776,8 +777,8 @@ class QuantLinear(nn.Module):
         device = fn(torch.empty(0, device=self.packed.device)).device
         if device != self.packed.device:
             self._set_portable(self.portable(), device)
-        if self.hadamard is not None:  # ±1: kept in float32, cast to the input's dtype where it is used
-            self.hadamard = hadamard(self.group_size, device)
+        if self.hadamard is not None:  # ±1: kept in float32, cast to the input's dtype where it is used (moved, not
+            self.hadamard = self.hadamard.to(device)  # taken from hadamard()'s cache, which must not keep fake tensors)
         if self.bias is not None:
             self.bias = fn(self.bias)
         return self

@@ -24,6 +24,7 @@ CPU_ONLY_OPS = ("_for_cpu", "_weight_int8pack_mm", "mkldnn")  # kernels with no 
 RECIPES = {  # every kind of linear, pruning and layer dropping, in bf16 as on a GPU
     "float": "bf16",
     "rtn4": "rtn:bits=4,group=32 + bf16",
+    "rtn4-rotate": "rtn:bits=4,group=32,rotate=true + bf16",
     "rtn8": "rtn:bits=8 + bf16",
     "int8wo": "int8wo + bf16",
     "prune-input": "prune:input=0.25 + bf16",

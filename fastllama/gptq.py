@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .data import check_calib
 from .hardware import policy
 from .nn import (QuantLinear, check_grid, check_quant_config, dequantize_values, grid_for, hadamard,
-                 int4_group_for, quantize_values, rotate_groups, tied_head)
+                 int4_group_for, quantize_values, rotate_groups, rotated_weight, tied_head)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,8 @@ class RTNConfig:
     rotate: bool = False  # quantize W·R/g, each input group turned by a Hadamard matrix (nn.QuantLinear, rotate)
 
     def __post_init__(self):
-        check_quant_config(self.bits, self.group_size)
+        check_quant_config(self.bits, self.group_size, self.rotate)
         check_grid(self.grid, self.bits, self.group_size)
-        if self.rotate and self.bits == 8:
-            raise ValueError("rotate=true needs bits below 8 (it turns each group of inputs); use rotate=false with "
-                             "bits=8")
 
 
 @dataclass
@@ -271,7 +268,7 @@ def _gptq(linear: nn.Linear, H: Tensor, config: GPTQConfig, P: Tensor | None = N
     weight = linear.weight if P is None else linear.weight + linear.weight.float() @ P
     if config.rotate:
         h = hadamard(group, H.device)
-        weight, H = rotate_groups(weight.float(), h) / group, rotate_groups(rotate_groups(H, h).T, h)
+        weight, H = rotated_weight(weight, group), rotate_groups(rotate_groups(H, h).T, h)
     q, scales, zeros = gptq_quantize(weight, H, config.bits, group, config.act_order, config.damp,
                                      config.block_size, config.clip, config.grid)
     return QuantLinear.from_values(q, scales, zeros, linear.bias, config.bits, group, config.rotate)

@@ -266,14 +266,18 @@ SCALE_DTYPE = torch.bfloat16  # the kernels' scale/zero dtype; activations are c
 KERNEL_MULTIPLE = 16  # int4 kernels need out_features, the int8 kernel in_features, divisible by this: padded
 
 
-def check_quant_config(bits: int, group_size: int) -> None:
-    """ValueError unless `bits` is 2, 3, 4 or 8 and, below 8 bits, `group_size` is one the int4 kernels take."""
+def check_quant_config(bits: int, group_size: int, rotate: bool = False) -> None:
+    """ValueError unless `bits` is 2, 3, 4 or 8 and, below 8 bits, `group_size` is one the int4 kernels take; and
+    unless, with `rotate`, there are groups to turn (below 8 bits)."""
     if bits not in (*INT4_BITS, 8):
         raise ValueError(f"bits={bits!r} is not supported; valid: 2, 3, 4 (int4 kernel, groups) or 8 (int8 kernel, "
                          "one scale per output channel)")
     if bits != 8 and group_size not in INT4_GROUPS:
         raise ValueError(f"group_size={group_size!r} cannot be taken by the int4 kernel; valid: "
                          f"{', '.join(map(str, INT4_GROUPS))}")
+    if rotate and bits == 8:
+        raise ValueError("rotate=true needs bits below 8 (it turns each group of inputs; 8-bit has one scale per "
+                         "row); use rotate=false with bits=8")
 
 
 def check_grid(grid: str, bits: int, group_size: int | None = None) -> None:
@@ -285,9 +289,9 @@ def check_grid(grid: str, bits: int, group_size: int | None = None) -> None:
                          "q8_0 (bits=8: GGUF Q8_0); use bits=4 with q4_0, bits=8 with q8_0 (or grid=sym with either)")
 
 
-def check_quant_shape(in_features: int, bits: int, group_size: int) -> None:
+def check_quant_shape(in_features: int, bits: int, group_size: int, rotate: bool = False) -> None:
     """ValueError unless the config is valid and, below 8 bits, `group_size` divides `in_features`."""
-    check_quant_config(bits, group_size)
+    check_quant_config(bits, group_size, rotate)
     if bits != 8 and in_features % group_size:
         fits = [g for g in INT4_GROUPS if in_features % g == 0]
         raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}; "
@@ -389,6 +393,12 @@ def _hadamard(n: int, device: torch.device) -> Tensor:
     while len(h) < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
     return h
+
+
+def rotated_weight(w: Tensor, group_size: int) -> Tensor:
+    """V = W·R/g, float32: what a rotated QuantLinear quantizes and stores for the weight W [out, in] (see its
+    docstring); V·R = W again."""
+    return rotate_groups(w, hadamard(group_size, w.device)) / group_size
 
 
 def rotate_groups(t: Tensor, h: Tensor) -> Tensor:
@@ -575,11 +585,9 @@ class QuantLinear(nn.Module):
                  bias: bool = False, device: str | torch.device | None = None, rotate: bool = False):
         super().__init__()
         group_size = in_features if bits == 8 else group_size
-        check_quant_shape(in_features, bits, group_size)
-        if rotate and bits == 8:
-            raise ValueError("rotate=True needs bits below 8 (groups to rotate); 8-bit has one scale per row")
+        check_quant_shape(in_features, bits, group_size, rotate)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.rotate = rotate  # inputs turned by a Hadamard matrix per group (see the class docstring)
+        # with `rotate`: the inputs are turned by this Hadamard matrix per group (see the class docstring)
         self.register_buffer("hadamard", hadamard(group_size, device) if rotate else None, persistent=False)
         self.pad_out = -out_features % KERNEL_MULTIPLE if bits != 8 else 0  # zero rows the kernel computes
         self.pad_in = -in_features % KERNEL_MULTIPLE if bits == 8 else 0  # zero columns, and zeros padded to x
@@ -590,16 +598,20 @@ class QuantLinear(nn.Module):
                         torch.ones(out_features, groups, device=device), zeros,
                         torch.zeros(out_features, device=device) if bias else None)
 
+    @property
+    def rotate(self) -> bool:
+        """Whether the inputs are turned by a Hadamard matrix per group (see the class docstring)."""
+        return self.hadamard is not None
+
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, grid: str = "kernel",
                    rotate: bool = False) -> QuantLinear:
         """Round-to-nearest quantization of `linear` onto `grid` (see `grid_for`; "kernel": min-max grids); with
         `rotate`, of V = W·R/g (see the class docstring)."""
         group_size = linear.in_features if bits == 8 else group_size
-        check_quant_shape(linear.in_features, bits, group_size)
+        check_quant_shape(linear.in_features, bits, group_size, rotate)
         w = linear.weight.detach().float()
-        w = rotate_groups(w, hadamard(group_size, w.device)) / group_size if rotate else w
-        w = w.reshape(linear.out_features, -1, group_size)
+        w = (rotated_weight(w, group_size) if rotate else w).reshape(linear.out_features, -1, group_size)
         scale, zero = grid_for(w, bits, grid)
         q = quantize_values(w, scale[..., None], None if zero is None else zero[..., None], bits)
         return cls.from_values(q.flatten(1), scale, zero, linear.bias, bits, group_size, rotate)

@@ -183,17 +183,18 @@ def stub(monkeypatch, tmp_path):
 def test_letter_mode_at_chance_measures_and_plots_lm_eval(stub, tmp_path):
     calls, _, plotted = stub
     rows, meta = run_report(ReportConfig(model="m", recipes=RECIPES, out=tmp_path, device="cpu"))
-    # the base's letter interval holds chance: it measures lm-eval mode too, and every other recipe both modes, each
-    # in its one process
+    # the base's letter interval holds chance: it measures lm-eval mode too, and every other recipe lm-eval mode
+    # alone, each in its one process
     assert calls == [("measure", "bf16", ("letter",), "lm-eval"),
-                     *(("measure", r, ("letter", "lm-eval"), None) for r in RECIPES[1:])]
+                     *(("measure", r, ("lm-eval",), None) for r in RECIPES[1:])]
+    assert [list(r.race) for r in rows] == [["letter", "lm-eval"], *[["lm-eval"]] * (len(RECIPES) - 1)]
     assert [r.race["lm-eval"]["acc"] for r in rows] == [LM_EVAL[r] for r in RECIPES]
     assert meta["race_mode"] == "lm-eval" and meta["race_modes"] == ["letter", "lm-eval"]
     assert plotted["mode"] == "lm-eval" and plotted["title"].endswith("\nRACE lm-eval mode")
     md = (tmp_path / "results.md").read_text()
     assert md.splitlines()[0].endswith("; RACE lm-eval mode")
     assert "| RACE letter acc (95% CI) | RACE lm-eval acc (95% CI), plotted |" in md
-    assert "| rtn4 | 10.00 | 100.0 | 0.5 | 25.0% (16.0%–34.0%, n=100) | 50.0% (41.0%–59.0%, n=100) |" in md
+    assert "| rtn4 | 10.00 | 100.0 | 0.5 | — | 50.0% (41.0%–59.0%, n=100) |" in md
     assert "cannot be told from chance (25%)" in md and "lm-eval mode" in md
     assert read_results(tmp_path / "results.json")[0] == rows
 

@@ -276,7 +276,9 @@ if block is not None:
     q = torch.randint(0, 16, (192, 128), generator=torch.Generator().manual_seed(0))
     module = QuantLinear.from_values(q, torch.rand(192, 4), torch.rand(192, 4), None, 4, 32)
     scales, zeros = (module.scales_and_zeros[..., i].float().contiguous() for i in (0, 1))
-    assert torch.equal(fastllama.nn._int4_weight_t(module.packed, scales, zeros, block), module.dequantize().T)
+    for wide in (False, True):
+        assert torch.equal(fastllama.nn._int4_weight_t(module.packed, scales, zeros, block, wide),
+                           module.dequantize().T)
 print(block)
 """
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")

@@ -32,6 +32,35 @@ def test_budget_files_keep_the_rules(path):
         assert path.stem == f"cpu-{budget['capability'].lower()}"  # the file the suite picks on that CPU
 
 
+def test_measure_sets_floors_from_runs_or_appends_them(tmp_path):
+    """measure.py: the floors at 90% of the runs' median (86% against llama.cpp), ceilings at median / 0.9; with
+    --append the runs join the measurements already in the file."""
+    spec = importlib.util.spec_from_file_location("measure", PERF / "budgets" / "measure.py")
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    budget = tmp_path / "b.json"
+    budget.write_text(json.dumps({"speedup": {"a": {"floor": 1.0, "measured": [3.0]}},
+                                  "peers": {"a": {"floor": 0.5, "measured": [1.0], "peer": "q4_0"}},
+                                  "memory": {"a": {"max_model_gb": 1.0, "measured_model_gb": [0.5]}}}))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"benchmarks": [
+        {"name": "test_speedup_over_plain_generate[a]", "extra_info": {"speedup": 2.0}},
+        {"name": "test_against_llama_cpp[a]", "extra_info": {"peer_ratio": 0.8}},
+        {"name": "test_memory[a]", "extra_info": {"model_gb": 0.45}}]}))
+    measure.main(str(budget), str(run), str(run))
+    b = json.loads(budget.read_text())
+    assert b["speedup"]["a"] == {"floor": 1.8, "measured": [2.0, 2.0]}
+    assert b["peers"]["a"] == {"floor": 0.688, "measured": [0.8, 0.8], "peer": "q4_0"}
+    assert b["memory"]["a"] == {"max_model_gb": 0.5, "measured_model_gb": [0.45, 0.45]}
+    faster = tmp_path / "faster.json"
+    faster.write_text(json.dumps({"benchmarks": [
+        {"name": "test_speedup_over_plain_generate[a]", "extra_info": {"speedup": 5.0}}]}))
+    measure.main(str(budget), "--append", str(faster), str(faster))
+    b = json.loads(budget.read_text())
+    assert b["speedup"]["a"] == {"floor": 3.15, "measured": [2.0, 2.0, 5.0, 5.0]}  # median 3.5
+    assert b["memory"]["a"]["measured_model_gb"] == [0.45, 0.45]  # not in these runs: as it was
+
+
 def test_budget_rules_catch_a_loose_or_unfounded_floor():
     budget = {"device_class": "cpu", "capability": "AVX2", "note": "", "model": "m", "dtype": "float32",
               "prompt_len": 8, "new_tokens": 8, "rounds": 3, "recipes": {"a": None, "b": "rtn:bits=8"},

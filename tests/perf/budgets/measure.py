@@ -1,4 +1,6 @@
-"""Set a budget file's floors from perf runs: `python tests/perf/budgets/measure.py BUDGET.json run1.json run2.json`.
+"""Set a budget file's floors from perf runs: `python tests/perf/budgets/measure.py BUDGET.json run1.json run2.json`
+(`--append` after BUDGET.json: add the runs to the measurements already in the file, as after a change that made
+every check faster, where the earlier runs still bound what the floors may be).
 
 Each run is a `pytest -m perf --benchmark-json runN.json` of that budget on a quiet machine of its class. For every
 check the measured values of all runs go into `measured` (ceilings: `measured_<metric>`), and the floor is set to
@@ -33,6 +35,8 @@ CEILINGS = ("model_gb", "peak_mem_gb")  # test_memory's metrics that a `max_<met
 
 def main(budget_path: str, *runs: str) -> None:
     budget = json.loads(Path(budget_path).read_text())
+    append = runs[:1] == ("--append",)
+    runs = runs[append:]
     measured: dict[tuple[str, str, str], list[float]] = {}
     for run in runs:
         for b in json.loads(Path(run).read_text())["benchmarks"]:
@@ -49,6 +53,8 @@ def main(budget_path: str, *runs: str) -> None:
         entry = budget.get(section, {}).get(name)
         if entry is None:
             continue
+        if append:
+            values = entry.get("measured" if key == "floor" else f"measured_{key}", []) + values
         median = statistics.median(values)
         if key == "floor":
             fraction = PEER_FLOOR_SET if section in PEER_SECTIONS else FLOOR_SET

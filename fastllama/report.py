@@ -521,7 +521,7 @@ def run_report(cfg: ReportConfig) -> tuple[list[Row], dict]:
     for name in tqdm(names, desc="measure", unit="recipe"):
         if name not in done:
             # letter mode at chance for the base: it ranks nothing on this model, so every other recipe measures
-            # lm-eval mode instead (10-14 s a recipe saved on a 2-core AVX2 CPU, a minute of the quick start)
+            # lm-eval mode instead (a RACE pass of 9-16 s saved per recipe on a 2-core AVX2 CPU)
             instead = bool(rows) and cfg.mode == "letter" and at_chance(rows[0])
             done[name] = _row(name, _fresh(measure, folders[name], device, cfg.data, cfg.limit,
                                            ("lm-eval",) if instead else (cfg.mode,), cfg.prompt_len,

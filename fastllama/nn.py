@@ -517,16 +517,10 @@ def _int4_block(rows: int) -> int | None:
     return block if rows % block == 0 and all(torch.equal(a, b) for a, b in zip(layout, form)) else None
 
 
-# The CPU int4 dequantization widens the packed bytes to int32 before splitting their nibbles where inductor writes
-# 256-bit code (AVX2): its uint8 -> float conversion is slow there (a 3072x576 weight: 1.90 ms narrow, 0.81 wide, on a
-# 2-core Xeon run as AVX2), while with AVX512 the narrow form is the faster (0.42 against 0.52 ms).
-WIDE_NIBBLES = simd_bits() == 256
-
-
 def _int4_weight_t(packed: Tensor, scales: Tensor, zeros: Tensor, block: int, wide: bool = False) -> Tensor:
     """Ŵᵀ [in, rows] of a CPU int4 packing in blocks of `block` rows (see `_int4_block`), in the dtype of
     `scales` and `zeros` [groups, rows] (contiguous: inductor vectorizes only unit-stride reads): one pass. `wide`
-    splits the nibbles in int32 rather than uint8 (see WIDE_NIBBLES); the result is the same."""
+    splits the nibbles in int32 rather than uint8 (see `_int4_dequantizer`); the result is the same."""
     rows = packed.shape[0]
     groups = scales.shape[0]
     b = packed.view(torch.uint8).view(rows // block, -1, block // 2).transpose(0, 1)  # [in, blocks, B/2]
@@ -542,10 +536,16 @@ def _int4_dequantizer(shape: tuple[int, ...]) -> Callable[..., Tensor]:
 
     Compiled per shape (a model has a handful) with a code object of its own: dynamic shapes compiled to index
     arithmetic that ran 4x slower, and one code object would hit dynamo's recompile limit across models. Compiled
-    on first use, in a few seconds; inductor caches the code on disk across processes."""
+    on first use, in a few seconds; inductor caches the code on disk across processes.
+
+    Where inductor writes 256-bit code (AVX2) the compiled form widens the packed bytes to int32 before splitting
+    their nibbles: its uint8 -> float conversion is slow there (a 3072x576 weight: 1.90 ms narrow, 0.81 wide, on a
+    2-core Xeon run as AVX2), while with AVX512 the narrow form is the faster (0.42 against 0.52 ms), and so is the
+    eager one on AVX2 (1.40-1.46 against 2.08-3.13 ms)."""
     if not policy("cpu").compile_step:
         return _int4_weight_t
-    return torch.compile(own_code(_int4_weight_t), dynamic=False, options={"cpp.simdlen": simd_bits()})
+    compiled = torch.compile(own_code(_int4_weight_t), dynamic=False, options={"cpp.simdlen": simd_bits()})
+    return functools.partial(compiled, wide=simd_bits() == 256)
 
 
 def _int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
@@ -724,8 +724,7 @@ class QuantLinear(nn.Module):
             return packed[:, :self.in_features].to(DEQUANT_DTYPE).T * self.scales[first:first + rows].to(DEQUANT_DTYPE)
         sz = self.scales_and_zeros[:, first:first + rows]
         scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
-        return _int4_dequantizer((*packed.shape, *scales.shape, block, DEQUANT_DTYPE))(packed, scales, zeros, block,
-                                                                                      WIDE_NIBBLES)
+        return _int4_dequantizer((*packed.shape, *scales.shape, block, DEQUANT_DTYPE))(packed, scales, zeros, block)
 
     def select(self, dim: int, index: Tensor) -> QuantLinear:
         """A smaller QuantLinear keeping rows (dim=0, with their bias) or columns (dim=1) `index`, still

@@ -460,17 +460,20 @@ def test_hadamard_of_a_size_not_a_power_of_2_is_refused(n):
 @given(bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([32, 64, 128]), groups=st.integers(1, 3),
        out=st.sampled_from([16, 64, 128]), rows=st.sampled_from([1, 5, DEQUANT_ROWS + 3]), bias=st.booleans(),
        seed=st.integers(0, 1000))
+# found by exploration (45.94 dB against 46): one call of one row gave 16 outputs, too few for the bound, derived on
+# 64 rows (see KERNEL_SQNR_DB); calls of `rows` rows now add up to 64 rows or more
+@example(bits=2, group=32, groups=2, out=16, rows=1, bias=True, seed=499)
 def test_a_rotated_linear_computes_with_its_weight_in_the_inputs_basis(bits, group, groups, out, rows, bias, seed):
-    """y = (x·R)·Vᵀ + b = x·Ŵᵀ + b with Ŵ = V·R (`dequantize`), on the kernel (few rows) and dequantized (many), up to
-    the kernel's own rounding; Ŵ is V turned group by group (R·R = g·I undoes it)."""
+    """y = (x·R)·Vᵀ + b = x·Ŵᵀ + b with Ŵ = V·R (`dequantize`), on the kernel (calls of few rows) and dequantized
+    (many), up to the kernel's own rounding; Ŵ is V turned group by group (R·R = g·I undoes it)."""
     q = _rotated(group * groups, out, bits, group, seed, bias)
     plain = QuantLinear.from_values(*q.values(), q.bias, bits, group)  # V itself, on the inputs as they come
     v, w = plain.dequantize(), q.dequantize()
     torch.testing.assert_close(w, rotate_groups(v, hadamard(group)))
     torch.testing.assert_close(rotated_weight(w, group), v)
-    x = torch.randn(rows, group * groups)
+    x = torch.randn(-(-64 // rows) * rows, group * groups)
     with torch.no_grad():
-        y = q(x)
+        y = torch.cat([q(part) for part in x.split(rows)])
     assert sqnr_db(nn.functional.linear(x, w, q.bias), y) > KERNEL_SQNR_DB
 
 

@@ -517,35 +517,40 @@ def _int4_block(rows: int) -> int | None:
     return block if rows % block == 0 and all(torch.equal(a, b) for a, b in zip(layout, form)) else None
 
 
-def _int4_weight_t(packed: Tensor, scales: Tensor, zeros: Tensor, block: int, wide: bool = False) -> Tensor:
+def _int4_weight_t(packed: Tensor, scales: Tensor, zeros: Tensor, block: int) -> Tensor:
     """Ŵᵀ [in, rows] of a CPU int4 packing in blocks of `block` rows (see `_int4_block`), in the dtype of
-    `scales` and `zeros` [groups, rows] (contiguous: inductor vectorizes only unit-stride reads): one pass. `wide`
-    splits the nibbles in int32 rather than uint8 (see `_int4_dequantizer`); the result is the same."""
+    `scales` and `zeros` [groups, rows] (contiguous: inductor vectorizes only unit-stride reads): one pass. `packed`
+    holds the packing's bytes, as uint8 or widened to int32 (see `_int4_dequantizer`)."""
     rows = packed.shape[0]
     groups = scales.shape[0]
-    b = packed.view(torch.uint8).view(rows // block, -1, block // 2).transpose(0, 1)  # [in, blocks, B/2]
-    b = b.to(torch.int32) if wide else b
-    q = torch.stack([b & 15, b >> 4], 2).reshape(groups, -1, rows).to(scales.dtype) - 8  # [groups, group, rows]
+    b = packed.view(rows // block, -1, block // 2).transpose(0, 1)  # [in, blocks, B/2]
+    if torch.compiler.is_compiling():  # one broadcast shift: inductor writes a stack's halves to buffers first
+        b = (b[:, :, None] >> torch.arange(0, 8, 4, dtype=b.dtype, device=b.device)[:, None]) & 15
+    else:  # eager, the stack is the faster
+        b = torch.stack([b & 15, b >> 4], 2)
+    q = b.reshape(groups, -1, rows).to(scales.dtype) - 8  # [groups, group, rows]
     return (q * scales[:, None] + zeros[:, None]).view(-1, rows)
 
 
 @functools.lru_cache(maxsize=None)
-def _int4_dequantizer(shape: tuple[int, ...]) -> Callable[..., Tensor]:
-    """`_int4_weight_t` for one shape of its inputs, compiled by inductor where the policy compiles (one fused,
-    vectorized loop: 0.27 ms for a 1536x576 weight against 1.0 ms eager on a 2-core Xeon), eager elsewhere.
+def _int4_dequantizer(shape: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
+    """`_int4_weight_t` of a packing for one shape of its inputs, compiled by inductor where the policy compiles
+    (one fused, vectorized loop), eager elsewhere.
 
     Compiled per shape (a model has a handful) with a code object of its own: dynamic shapes compiled to index
     arithmetic that ran 4x slower, and one code object would hit dynamo's recompile limit across models. Compiled
     on first use, in a few seconds; inductor caches the code on disk across processes.
 
-    Where inductor writes 256-bit code (AVX2) the compiled form widens the packed bytes to int32 before splitting
-    their nibbles: its uint8 -> float conversion is slow there (a 3072x576 weight: 1.90 ms narrow, 0.81 wide, on a
-    2-core Xeon run as AVX2), while with AVX512 the narrow form is the faster (0.42 against 0.52 ms), and so is the
-    eager one on AVX2 (1.40-1.46 against 2.08-3.13 ms)."""
+    Where inductor writes 256-bit code (AVX2) ATen first widens the bytes to int32: inductor loads 8 bytes
+    through a stack buffer there (at::vec has no 8-byte load on AVX2), 4x the cost of a whole vector. Measured on
+    a 2-core Xeon (AVX512, and run as AVX2), a 3072x576 weight: AVX2 0.41 ms widened first against 1.45 from bytes
+    (0.76 for the earlier form, which stacked nibbles split in int32), AVX512 0.23 ms from bytes (0.41 earlier);
+    eager 0.6-1.2 ms."""
     if not policy("cpu").compile_step:
-        return _int4_weight_t
+        return lambda packed, scales, zeros, block: _int4_weight_t(packed.view(torch.uint8), scales, zeros, block)
     compiled = torch.compile(own_code(_int4_weight_t), dynamic=False, options={"cpp.simdlen": simd_bits()})
-    return functools.partial(compiled, wide=simd_bits() == 256)
+    widen = torch.int32 if simd_bits() == 256 else torch.uint8
+    return lambda packed, scales, zeros, block: compiled(packed.view(torch.uint8).to(widen), scales, zeros, block)
 
 
 def _int8_linear(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:

@@ -276,9 +276,10 @@ if block is not None:
     q = torch.randint(0, 16, (192, 128), generator=torch.Generator().manual_seed(0))
     module = QuantLinear.from_values(q, torch.rand(192, 4), torch.rand(192, 4), None, 4, 32)
     scales, zeros = (module.scales_and_zeros[..., i].float().contiguous() for i in (0, 1))
-    for wide in (False, True):
-        assert torch.equal(fastllama.nn._int4_weight_t(module.packed, scales, zeros, block, wide),
-                           module.dequantize().T)
+    dequantizer = fastllama.nn._int4_dequantizer((*module.packed.shape, *scales.shape, block, torch.float32))
+    for bytes_ in (module.packed, module.packed.to(torch.int32)):  # eager, from the bytes or widened
+        assert torch.equal(fastllama.nn._int4_weight_t(bytes_, scales, zeros, block), module.dequantize().T)
+    assert torch.equal(dequantizer(module.packed, scales, zeros, block), module.dequantize().T)  # compiled
 print(block)
 """
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")

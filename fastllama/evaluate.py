@@ -73,7 +73,8 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, window: int = 512, st
     for _ in tqdm(range(math.ceil((len(ids) - 1) / stride)), desc="perplexity", leave=False):
         end = min(done + stride, len(ids))
         begin = max(0, end - window)
-        logits = model(ids[begin:end][None]).logits[0, done - begin - 1:-1]  # logits[i] predicts token i + 1
+        # the head on the scored positions alone (logits[i] predicts token i + 1): half a window's rows
+        logits = model(ids[begin:end][None], logits_to_keep=end - done + 1).logits[0, :-1]
         nll += F.cross_entropy(logits.float(), ids[done:end], reduction="sum").item()
         done = end
     scored = len(ids) - 1

@@ -30,6 +30,21 @@ def test_perplexity_with_one_window_equals_one_pass(tiny_model):
     assert perplexity(tiny_model, None, ids, window=64, stride=16) == pytest.approx(expected, rel=1e-5)
 
 
+def test_strided_perplexity_equals_the_full_logits_one(tiny_model):
+    """Scoring only each window's last `stride` positions (the head on those rows alone) gives the perplexity of
+    the full logits, sliced."""
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(0))
+    nll, done = 0.0, 1
+    with torch.inference_mode():
+        while done < len(ids):
+            end = min(done + 16, len(ids))
+            begin = max(0, end - 32)
+            logits = tiny_model(ids[begin:end][None]).logits[0, done - begin - 1:end - begin - 1]
+            nll += torch.nn.functional.cross_entropy(logits, ids[done:end], reduction="sum").item()
+            done = end
+    assert perplexity(tiny_model, None, ids, window=32, stride=16) == pytest.approx(math.exp(nll / 99), rel=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 90), window=st.integers(2, 40), data=st.data())
 def test_perplexity_scores_each_token_once(n, window, data):
@@ -57,8 +72,8 @@ class _ZeroModel(torch.nn.Module):
         super().__init__()
         self.p = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids):
-        return type("Out", (), {"logits": torch.zeros(*ids.shape, self.vocab)})
+    def forward(self, ids, logits_to_keep=0):  # as transformers' models: the last `logits_to_keep` positions (0: all)
+        return type("Out", (), {"logits": torch.zeros(len(ids), logits_to_keep or ids.shape[1], self.vocab)})
 
 
 def test_perplexity_errors(tiny_model):

@@ -170,10 +170,17 @@ def _untie(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- GPTQ on one linear
-def hessian(x: Tensor) -> Tensor:
-    """H = 2XXᵀ/n of a linear's inputs x [..., in_features] (n rows), in float32."""
+def hessian(x: Tensor, parts: int = 4) -> Tensor:
+    """H = 2XXᵀ/n of a linear's inputs x [..., in_features] (n rows), in float32: `parts` block rows, each only
+    from the diagonal on, mirrored below it (XᵀX is symmetric), so 10 of 16 blocks are computed and H is exactly
+    symmetric."""
     x = x.reshape(-1, x.shape[-1]).float()
-    return (2 / len(x)) * (x.T @ x)
+    cols = x.shape[1]
+    H = x.new_empty(cols, cols)
+    for i in range(0, cols, -(-cols // parts)):
+        row = x[:, i:i + -(-cols // parts)].T @ x[:, i:]
+        H[i:i + len(row), i:], H[i:, i:i + len(row)] = row, row.T
+    return H.mul_(2 / len(x))
 
 
 def float_target(x: Tensor, x_float: Tensor, H: Tensor, damp: float = ASYM_DAMP) -> Tensor:

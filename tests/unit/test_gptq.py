@@ -224,6 +224,17 @@ def test_layer_is_quantized_true_sequentially_in_one_forward(tiny_model, act_ord
         assert torch.equal(module.dequantize(), _gptq(floats[n], hessian(seen[n]), config).dequantize()), n
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 70), parts=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_hessian_is_2xtx_over_n_and_exactly_symmetric(rows, cols, parts, seed):
+    """The Hessian from its block rows (only on and right of the diagonal, mirrored) is 2XᵀX/n for any column
+    count, divisible by `parts` or not and fewer than it, over the rows of every leading dimension."""
+    x = torch.randn(2, rows, cols, generator=torch.Generator().manual_seed(seed))
+    H, x2 = hessian(x, parts), x.reshape(-1, cols)
+    torch.testing.assert_close(H, 2 * x2.T @ x2 / len(x2))
+    assert torch.equal(H, H.T)
+
+
 def test_float_target_is_the_least_squares_fit_to_the_float_outputs():
     """W + WP on the quantized stream's inputs x is the least-squares fit (an independent solver: lstsq, with the
     damping taken near 0) to W on the float stream's inputs; P is 0 when the streams agree."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastllama.generate
 from fastllama.drop import drop_layers
 from fastllama.generate import Decoder, generate
 from fastllama.hardware import policy
@@ -304,6 +306,29 @@ def test_the_compiled_cpu_step_asserts_nothing_of_its_inputs(tiny_model):
         tokens, code = run_and_get_code(generate, model, ids, 3, decoder=decoder)
     assert code and not any("assert_size_stride(" in c or "assert_alignment(" in c for c in code)
     assert torch.equal(tokens, generate(model, ids, 3, compile=False))
+
+
+def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch):
+    """The CPU step has inductor try fusing nodes that read one buffer only 8 nodes apart (generate._FUSION_TRIES,
+    4-5 s of a 29 s compile): a 12-layer model's step, whose layers all read the rotary tables, compiles to the
+    very code of inductor's default 64 (only the graph's id and the constants' addresses differ)."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert fastllama.generate._FUSION_TRIES or not hasattr(torch._inductor.config,
+                                                           "max_fusion_buffer_group_pairwise_attempts")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = compress(LlamaForCausalLM(config).eval(), "rtn:bits=4,group=32")
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    codes = []
+    for tries in (fastllama.generate._FUSION_TRIES, {}):
+        monkeypatch.setattr(fastllama.generate, "_FUSION_TRIES", tries)
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            _, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
+        codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", code[-1]))
+    assert codes[0] == codes[1]
 
 
 def test_each_compiled_decoder_compiles_its_own_step(sharp):

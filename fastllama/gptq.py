@@ -172,14 +172,15 @@ def _untie(model: nn.Module) -> None:
 # ---------------------------------------------------------------- GPTQ on one linear
 def hessian(x: Tensor, parts: int = 4) -> Tensor:
     """H = 2XXᵀ/n of a linear's inputs x [..., in_features] (n rows), in float32: `parts` block rows, each only
-    from the diagonal on, mirrored below it (XᵀX is symmetric), so 10 of 16 blocks are computed and H is exactly
-    symmetric."""
+    from the diagonal on, mirrored below it (XᵀX is symmetric), so H is exactly symmetric and 10 of the 16 blocks
+    of 4 parts are computed."""
     x = x.reshape(-1, x.shape[-1]).float()
     cols = x.shape[1]
+    step = -(-cols // parts)
     H = x.new_empty(cols, cols)
-    for i in range(0, cols, -(-cols // parts)):
-        row = x[:, i:i + -(-cols // parts)].T @ x[:, i:]
-        H[i:i + len(row), i:], H[i:, i:i + len(row)] = row, row.T
+    for i in range(0, cols, step):
+        row = x[:, i:i + step].T @ x[:, i:]
+        H[i:i + step, i:], H[i:, i:i + step] = row, row.T
     return H.mul_(2 / len(x))
 
 

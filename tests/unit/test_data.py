@@ -71,6 +71,23 @@ def test_calibration_samples_from_model_when_offline(tiny_model, offline):
     assert torch.equal(a, data.calibration(None, model=tiny_model, nsamples=3, seqlen=12, seed=1))
 
 
+def test_sampled_calibration_never_ends_the_text(tiny_model, offline):
+    """The model's end-of-text token is never drawn (transformers' min_new_tokens, as the sampler replaced)."""
+    eos = tiny_model.config.eos_token_id
+    tiny_model.lm_head.weight.data[eos] = 100.0  # eos would win nearly every draw
+    a = data.calibration(None, model=tiny_model, nsamples=4, seqlen=24, seed=0)
+    assert not (a[:, 1:] == eos).any()
+
+
+def test_draw_follows_the_softmax():
+    """The inverse-CDF draw: each index at its softmax probability (within 5 standard errors over 40000 draws), and
+    an index of probability 0 never."""
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    draws = data._draw(p.log().expand(40000, 4), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4) / len(draws)
+    assert (freq - p).abs().max() < 5 * (0.25 / len(draws)) ** 0.5 and freq[3] == 0
+
+
 def test_ppl_text_is_shipped():
     words = data.PPL_TEXT.read_text().split()
     assert 3000 <= len(words) <= 6000

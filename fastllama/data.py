@@ -170,16 +170,18 @@ def _from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_s
              nsamples, seqlen, seed)
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
+    positions = torch.arange(seqlen, device=device)  # built once: a position made from host data each step syncs
     rows = []
     for n in tqdm(range(0, nsamples, batch_size), desc="sampling calibration text", leave=False):
-        rows.append(torch.empty(min(batch_size, nsamples - n), seqlen, dtype=torch.long, device=device))
-        rows[-1][:, 0] = torch.randint(0, vocab, (len(rows[-1]),), generator=gen, device=device)
-        decoder = Decoder(model, seqlen, batch_size=len(rows[-1]), compile=False)
+        out = torch.empty(min(batch_size, nsamples - n), seqlen, dtype=torch.long, device=device)
+        out[:, 0] = torch.randint(0, vocab, (len(out),), generator=gen, device=device)
+        decoder = Decoder(model, seqlen, batch_size=len(out), compile=False)
         for pos in range(seqlen - 1):
-            logits = decoder.forward(rows[-1][:, pos:pos + 1], torch.tensor([pos], device=device))
+            logits = decoder.forward(out[:, pos:pos + 1], positions[pos:pos + 1])
             if eos is not None:
                 logits[:, eos] = -torch.inf
-            rows[-1][:, pos + 1] = _draw(logits, gen)
+            out[:, pos + 1] = _draw(logits, gen)
+        rows.append(out)
     return torch.cat(rows).cpu()
 
 

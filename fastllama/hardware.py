@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
+
 CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 arithmetic (AVX512-BF16, AMX)
 DEQUANT_ROWS = 96  # from this many rows, CPU int4/int8 matmuls dequantize once and run one GEMM (measured: see policy)
+KERNELS_ENV = "FASTLLAMA_CPU_KERNELS"  # "aten" keeps PyTorch's int4/int8 kernels where fastllama's would run
 SIMD_BITS = {"AVX512": 512, "AVX2": 256}  # the vector width inductor's CPU code is written for, by capability
 
 
@@ -81,6 +84,7 @@ class Policy:
     float_dtype: str        # the float parts (embeddings, norms, float linears) for `cast:dtype=auto`
     head_bits: int | None   # `head:bits=auto` quantizes the output head to this many bits; None keeps it float
     kernel_act_dtype: str   # activations into the int4/int8 kernels (their scales' dtype)
+    cpu_kernels: str        # int4/int8 matmuls of few rows: "fastllama" (int8 activations: fastllama.kernels) or "aten"
     fp32_linear: str        # float32 linears at batch 1 on the CPU: "onednn" or "mkl" (F.linear's sgemm)
     attn_dtype: str         # attention and the KV cache of the fast path ("model": the model's own dtype)
     compile_step: bool      # torch.compile the fast path's decode step (inductor; CUDA graphs on a GPU)
@@ -97,20 +101,28 @@ def bf16_compute(m: Machine) -> bool:
 def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Policy:
     """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
     if (m.device != "cpu") if m else torch.device(device).type != "cpu":  # nothing about the GPU is read
-        return Policy("bfloat16", None, "bfloat16", "mkl", "model", True, None,
+        return Policy("bfloat16", None, "bfloat16", "aten", "mkl", "model", True, None,
                       "GPU: bf16 tensor cores; the head stays bf16 as in the reference study; "
                       "int8 and int4 weights dequantize inside their matmul; the decode step compiled with CUDA "
                       "graphs")
     m = m or machine(device)
     native, amd, cxx = bf16_compute(m), "AMD" in m.name, shutil.which(os.environ.get("CXX", "g++")) is not None
+    own = os.environ.get(KERNELS_ENV, "fastllama") != "aten" and cxx and kernels.supported(m.cpu_capability)
+    own = own and kernels.available()  # built here, once (cached on disk): the policy says what really runs
     return Policy(
-        "bfloat16" if native else "float32", 8, "bfloat16", "onednn" if amd else "mkl", "float32", cxx, DEQUANT_ROWS,
+        "bfloat16" if native else "float32", 8, "bfloat16", "fastllama" if own else "aten",
+        "onednn" if amd else "mkl", "float32", cxx, DEQUANT_ROWS,
         ("CPU with native bf16: float parts in bf16 (half the bytes)" if native else
          "CPU without native bf16 (emulated: a bf16 49152x576 head took 34 ms/token against 4.7 ms in float32 on an "
          "AVX2 EPYC): float parts in float32")
         + "; the head quantized to int8 (the largest matmul of small models; llama.cpp keeps its own head at 6-8 "
         "bits too); int4/int8 kernels fed bf16 activations (their fast path: float32 activations took 79-129 ms a "
-        "token against 8-11 ms on AVX2); attention in float32 (a bf16 SDPA decode call took 100 us against 18 us); "
+        "token against 8-11 ms on AVX2); "
+        + ("int4 and int8 matmuls of few rows on fastllama's kernels, int8 activations in integer SIMD as llama.cpp "
+           "computes (a 3072x576 int4 matmul at batch 1: 29 us against 83 in PyTorch's kernel run as AVX2, 48 as "
+           "AVX512)" if own else
+           f"int4 and int8 matmuls on PyTorch's kernels ({KERNELS_ENV}=aten, no C++ compiler, or no AVX2)")
+        + "; attention in float32 (a bf16 SDPA decode call took 100 us against 18 us); "
         "float32 linears on oneDNN on AMD CPUs (MKL's sgemm streamed 16 GB/s where oneDNN streamed 25 on an EPYC), "
         "on MKL elsewhere (a Xeon with AMX decoded float32 in 29.8 ms/token through MKL, 42.3 through oneDNN); "
         + ("the decode step compiled by inductor (it fuses the norms, rotary and residual ops between the kernels: "

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .hardware import own_code, policy, simd_bits
 
 SWAPS: dict[str, type[nn.Module]] = {}
@@ -501,6 +502,7 @@ def unpack_bits(packed: Tensor, bits: int) -> Tensor:
 DEQUANT_ROWS = CPU_POLICY.dequant_rows or 0
 DEQUANT_DTYPE = getattr(torch, CPU_POLICY.float_dtype)
 DEQUANT_BYTES = 64 << 20  # the most of a dequantized weight held at once: a large head is dequantized in slices
+OWN_KERNELS = CPU_POLICY.cpu_kernels == "fastllama"  # CPU int4/int8 weights run on fastllama.kernels (few rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -532,10 +534,23 @@ def _int4_weight_t(packed: Tensor, scales: Tensor, zeros: Tensor, block: int) ->
     return (q * scales[:, None] + zeros[:, None]).view(-1, rows)
 
 
+def _int4_weight(packed: Tensor, scales: Tensor, zeros: Tensor, group: int) -> Tensor:
+    """Ŵ [rows, in] of a `kernels.pack` packing, in the dtype of `scales` and `zeros` [rows, groups of `group`]: one
+    pass (the counterpart of `_int4_weight_t` for fastllama's kernel)."""
+    rows = packed.shape[0]
+    b = packed.view(rows, -1, 1, kernels.BLOCK // 2)  # [rows, blocks, 1, 32]: values j (low) and j + 32 (high)
+    if torch.compiler.is_compiling():
+        b = (b >> torch.arange(0, 8, 4, dtype=b.dtype, device=b.device)[:, None]) & 15
+    else:
+        b = torch.cat([b & 15, b >> 4], 2)
+    q = b.reshape(rows, -1, group).to(scales.dtype) - 8  # [rows, groups, group]
+    return (q * scales[..., None] + zeros[..., None]).view(rows, -1)
+
+
 @functools.lru_cache(maxsize=None)
-def _int4_dequantizer(shape: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
-    """`_int4_weight_t` of a packing for one shape of its inputs, compiled by inductor where the policy compiles
-    (one fused, vectorized loop), eager elsewhere.
+def _int4_dequantizer(shape: tuple[int, ...], own: bool = False) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
+    """`_int4_weight_t` of a packing (`_int4_weight` of fastllama's where `own`) for one shape of its inputs,
+    compiled by inductor where the policy compiles (one fused, vectorized loop), eager elsewhere.
 
     Compiled per shape (a model has a handful) with a code object of its own: dynamic shapes compiled to index
     arithmetic that ran 4x slower, and one code object would hit dynamo's recompile limit across models. Compiled
@@ -546,9 +561,10 @@ def _int4_dequantizer(shape: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tenso
     a 2-core Xeon (AVX512, and run as AVX2), a 3072x576 weight: AVX2 0.41 ms widened first against 1.45 from bytes
     (0.76 for the earlier form, which stacked nibbles split in int32), AVX512 0.23 ms from bytes (0.41 earlier);
     eager 0.6-1.2 ms."""
+    form = _int4_weight if own else _int4_weight_t
     if not policy("cpu").compile_step:
-        return lambda packed, scales, zeros, block: _int4_weight_t(packed.view(torch.uint8), scales, zeros, block)
-    compiled = torch.compile(own_code(_int4_weight_t), dynamic=False, options={"cpp.simdlen": simd_bits()})
+        return lambda packed, scales, zeros, block: form(packed.view(torch.uint8), scales, zeros, block)
+    compiled = torch.compile(own_code(form), dynamic=False, options={"cpp.simdlen": simd_bits()})
     widen = torch.int32 if simd_bits() == 256 else torch.uint8
     return lambda packed, scales, zeros, block: compiled(packed.view(torch.uint8).to(widen), scales, zeros, block)
 
@@ -643,11 +659,14 @@ class QuantLinear(nn.Module):
         kernel of q's device."""
         q = nn.functional.pad(q, (0, self.pad_in, 0, self.pad_out))
         scales = nn.functional.pad(scales, (0, 0, 0, self.pad_out), value=1.0)
+        group = q.shape[1] if self.bits == 8 else self.group_size
+        self.own = q.device.type == "cpu" and OWN_KERNELS and kernels.usable(group, *q.shape[::-1])
         if self.bits != 8:
-            self.register_buffer("packed", _int4_pack(q.int()), persistent=False)
+            self.register_buffer("packed", kernels.pack(q) if self.own else _int4_pack(q.int()), persistent=False)
             zeros = nn.functional.pad(zeros, (0, 0, 0, self.pad_out))
-            sz = torch.stack([scales, zeros], -1).transpose(0, 1).to(SCALE_DTYPE).contiguous()  # [groups, out, 2]
-            self.register_buffer("scales_and_zeros", sz, persistent=False)
+            sz = torch.stack([scales, zeros], -1).to(SCALE_DTYPE)  # [out, groups, 2]; [groups, out, 2] for ATen
+            self.register_buffer("scales_and_zeros", (sz if self.own else sz.transpose(0, 1)).contiguous(),
+                                 persistent=False)
         else:
             self.register_buffer("packed", q.to(torch.int8).contiguous(), persistent=False)
             self.register_buffer("scales", scales.reshape(-1).to(SCALE_DTYPE).contiguous(), persistent=False)
@@ -660,6 +679,8 @@ class QuantLinear(nn.Module):
         out, cols = self.out_features, self.in_features
         if self.bits == 8:
             return self.packed[:, :cols]
+        if self.own:  # 2 to 4 bits here (8-bit weights are PyTorch's layout)
+            return kernels.unpack(self.packed)[:out, :cols]
         q = None if self.packed.device.type == "cuda" else _int4_unpack(self.packed, cols)
         if q is None:
             unit = torch.tensor([1.0, 8.0], dtype=SCALE_DTYPE, device=self.packed.device)
@@ -674,8 +695,8 @@ class QuantLinear(nn.Module):
         out = self.out_features
         if self.bits == 8:
             return self.scales[:out, None], None
-        sz = self.scales_and_zeros[:, :out]
-        return sz[..., 0].T, sz[..., 1].T
+        sz = self.scales_and_zeros[:out] if self.own else self.scales_and_zeros[:, :out].transpose(0, 1)
+        return sz[..., 0], sz[..., 1]
 
     def values(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The integer values q [out, in] (int32), scales and zeros [out, in/group_size] (float32; zeros None
@@ -698,8 +719,13 @@ class QuantLinear(nn.Module):
         many = x2.shape[0] >= DEQUANT_ROWS and not torch.compiler.is_compiling()
         y = self._dequantized_matmul(x2) if many else None
         if y is None:
-            x2 = nn.functional.pad(x2.to(SCALE_DTYPE), (0, self.pad_in)) if self.pad_in else x2.to(SCALE_DTYPE)
-            if self.bits != 8:
+            x2 = x2 if self.own else x2.to(SCALE_DTYPE)
+            x2 = nn.functional.pad(x2, (0, self.pad_in)) if self.pad_in else x2
+            if self.own and self.bits != 8:
+                y = kernels.int4_matmul(x2, self.packed, self.scales_and_zeros, self.group_size)
+            elif self.own:
+                y = kernels.int8_matmul(x2, self.packed, self.scales)
+            elif self.bits != 8:
                 y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
             else:
                 y = _int8_mm(x2, self.packed, self.scales)
@@ -712,7 +738,7 @@ class QuantLinear(nn.Module):
         not in the form `_int4_weight_t` reads."""
         if self.packed.device.type != "cpu":
             return None
-        block = 1 if self.bits == 8 else _int4_block(self.packed.shape[0])
+        block = 1 if self.bits == 8 or self.own else _int4_block(self.packed.shape[0])
         if block is None:
             return None
         rows = self.packed.shape[0]
@@ -727,6 +753,11 @@ class QuantLinear(nn.Module):
         packed = self.packed[first:first + rows]
         if self.bits == 8:
             return packed[:, :self.in_features].to(DEQUANT_DTYPE).T * self.scales[first:first + rows].to(DEQUANT_DTYPE)
+        if self.own:  # 2 to 4 bits here: 8-bit returned above
+            sz = self.scales_and_zeros[first:first + rows]
+            scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
+            return _int4_dequantizer((*packed.shape, *scales.shape, DEQUANT_DTYPE), True)(
+                packed, scales, zeros, self.group_size).T
         sz = self.scales_and_zeros[:, first:first + rows]
         scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
         return _int4_dequantizer((*packed.shape, *scales.shape, block, DEQUANT_DTYPE))(packed, scales, zeros, block)
@@ -830,16 +861,18 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
             or p.group_size != first.group_size or p.rotate != first.rotate or p.pad_out or p.bias is not None
             or p.packed.device.type != "cpu" for p in parts):
         return None
-    if first.bits != 8 and not _int4_rows_concatenate([p.out_features for p in parts]):
+    if any(p.own != first.own for p in parts):
+        return None
+    if first.bits != 8 and not first.own and not _int4_rows_concatenate([p.out_features for p in parts]):
         return None  # a packing that interleaves rows across the parts' boundaries
     fused = QuantLinear(first.in_features, KERNEL_MULTIPLE, first.bits, first.group_size, device="meta",
                         rotate=first.rotate)
-    fused.out_features, fused.hadamard = sum(p.out_features for p in parts), first.hadamard
+    fused.out_features, fused.hadamard, fused.own = sum(p.out_features for p in parts), first.hadamard, first.own
     fused.packed = torch.cat([p.packed for p in parts])
     if first.bits == 8:
         fused.scales = torch.cat([p.scales for p in parts])
     else:
-        fused.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+        fused.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=0 if first.own else 1)
     for p, rows in zip(parts, fused.packed.split([p.packed.shape[0] for p in parts])):
         p.packed = rows
     return fused

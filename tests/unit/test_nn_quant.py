@@ -33,18 +33,26 @@ pytestmark = pytest.mark.unit
 # 14.3, 13.4, 12.6 dB) means were within 0.3 dB of it too, standard deviations at most 0.27 dB. A bound 3 dB under the
 # expectation is more than 6 standard deviations away: chance cannot break it, a grid off by one step does. The
 # kernel's bound sits 6.6 dB (25 standard deviations) under its measured 52.6 dB.
+# fastllama's own int4 kernel (groups of 64 or more, where it runs: `QuantLinear.own`) rounds the activations to int8
+# instead: 44.1 dB against x @ Ŵ.T, its bound 38 dB (measured and derived in tests/unit/test_kernels.py).
 MARGIN_DB = 3.0
-KERNEL_NOISE = 10 ** -5.26  # the kernel's bfloat16 rounding, as a noise-to-signal power ratio (52.6 dB)
+KERNEL_NOISE = {False: 10 ** -5.26, True: 10 ** -4.41}  # each kernel's rounding as a noise-to-signal power ratio
 KERNEL_SQNR_DB = 46.0
 
 
-def expected_sqnr_db(bits: int, n: int, draws: int = 8192) -> float:
+def kernel_sqnr_db(q: QuantLinear) -> float:
+    """The bound on the SQNR of `q`'s kernel against x @ Ŵ.T: PyTorch's, or fastllama's where `q.own`."""
+    return 38.0 if q.own else KERNEL_SQNR_DB
+
+
+def expected_sqnr_db(bits: int, n: int, draws: int = 8192, own: bool = False) -> float:
     """Expected SQNR (dB) of the kernel's output for N(0, 1) weights on a min-max grid over `n` of them (a 2- to 4-bit
-    group, or an 8-bit row): 12 L² / E[R²] from `draws` seeded samples of the range R, plus the kernel's rounding."""
+    group, or an 8-bit row): 12 L² / E[R²] from `draws` seeded samples of the range R, plus the kernel's rounding
+    (fastllama's where `own`)."""
     w = torch.randn(draws, n, generator=torch.Generator().manual_seed(0))
     steps, width = (2 ** bits - 1, w.amax(1) - w.amin(1)) if bits != 8 else (254, 2 * w.abs().amax(1))
     noise = (width ** 2).mean().item() / (12 * steps ** 2)
-    return -10 * math.log10(noise + KERNEL_NOISE)
+    return -10 * math.log10(noise + KERNEL_NOISE[own])
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -86,8 +94,8 @@ def test_sqnr_against_float_and_dequantized(p):
         y, ref = q(x), linear(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
     n = p["group"] if p["bits"] != 8 else linear.in_features  # the weights one grid spans
-    assert sqnr_db(ref, y) > expected_sqnr_db(p["bits"], n) - MARGIN_DB  # a bias only adds signal
-    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), y) > KERNEL_SQNR_DB
+    assert sqnr_db(ref, y) > expected_sqnr_db(p["bits"], n, own=q.own) - MARGIN_DB  # a bias only adds signal
+    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), y) > kernel_sqnr_db(q)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -212,7 +220,7 @@ def test_shapes_the_kernels_cannot_take_are_padded(bits, shape):
     q = QuantLinear.from_float(linear, bits, 32)
     x = torch.randn(64, shape[0])
     assert q.dequantize().shape == linear.weight.shape
-    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > KERNEL_SQNR_DB
+    assert sqnr_db(nn.functional.linear(x, q.dequantize(), linear.bias), q(x)) > kernel_sqnr_db(q)
     fresh = from_spec(to_spec(q))
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(x), q(x))
@@ -358,7 +366,7 @@ def test_many_rows_dequantize_the_weight_once(bits, groups, out, extra, bias, se
     with torch.no_grad():
         y, ref = q(x), nn.functional.linear(x, q.dequantize(), linear.bias)
     assert y.shape == ref.shape and y.dtype == x.dtype
-    assert sqnr_db(ref, y) > KERNEL_SQNR_DB
+    assert sqnr_db(ref, y) > kernel_sqnr_db(q)
     assert (q._dequantized_matmul(x) is not None) == (bits == 8 or out % 64 == 0)
 
 
@@ -427,7 +435,7 @@ def test_cuda_kernel_matches_cpu(cuda):
         on_gpu = copy.deepcopy(on_cpu).to(cuda)
         assert on_gpu.packed.is_cuda and not on_cpu.packed.is_cuda
         x = torch.randn(5, 576)
-        assert sqnr_db(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > KERNEL_SQNR_DB
+        assert sqnr_db(on_cpu(x), on_gpu(x.to(cuda)).cpu()) > kernel_sqnr_db(on_cpu)
         for k, v in on_gpu.state_dict().items():
             assert torch.equal(v.cpu(), state[k])
         back = copy.deepcopy(on_gpu).to("cpu")
@@ -475,7 +483,7 @@ def test_a_rotated_linear_computes_with_its_weight_in_the_inputs_basis(bits, gro
     x = torch.randn(-(-64 // rows) * rows, group * groups)
     with torch.no_grad():
         y = torch.cat([q(part) for part in x.split(rows)])
-    assert sqnr_db(nn.functional.linear(x, w, q.bias), y) > KERNEL_SQNR_DB
+    assert sqnr_db(nn.functional.linear(x, w, q.bias), y) > kernel_sqnr_db(q)
 
 
 def test_a_rotated_linear_round_trips_selects_and_fuses():
@@ -489,7 +497,7 @@ def test_a_rotated_linear_round_trips_selects_and_fuses():
     assert loaded.rotate and torch.equal(loaded(x), q(x))
     rows, cols = torch.arange(0, 64, 2), torch.arange(32, 96)
     torch.testing.assert_close(q.select(0, rows)(x), q(x)[:, rows])
-    assert sqnr_db(x[:, cols] @ q.dequantize()[:, cols].T, q.select(1, cols)(x[:, cols])) > KERNEL_SQNR_DB
+    assert sqnr_db(x[:, cols] @ q.dequantize()[:, cols].T, q.select(1, cols)(x[:, cols])) > kernel_sqnr_db(q)
     parts = [_rotated(128, 64, 4, 32, seed) for seed in (1, 2)]
     alone = [p(x) for p in parts]
     fused = fuse(parts)

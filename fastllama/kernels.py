@@ -7,10 +7,15 @@ PyTorch's CPU int4 and int8 kernels convert every weight to float and multiply i
 activations to int8 and multiplies in integer SIMD, 32 products an instruction (AVX2's maddubs). On AVX2 that is the
 difference between its Q4_0 decode and ours. These kernels do the same (`csrc/matmul_avx2.cpp`): activations in blocks
 of 64 with one float scale each (absmax / 127), int4 zeros applied to the activations' exact float sums. The int8
-kernel reads PyTorch's own int8 layout; the int4 kernel its own (`pack`). Measured at batch 1 on a 2-core Xeon
-(AVX512, and run as AVX2), int4 in groups of 64: 3072x576 29 us against 83 in PyTorch's kernel run as AVX2 (48 as
-AVX512), the 49152x576 head 0.43 ms against 1.22. Their error is the activations' rounding: 44 dB of SQNR for N(0, 1)
-activations (PyTorch's bfloat16 activations: 52.6 dB); gptq4's perplexity on the embedded model moved by 0.06%.
+kernel reads PyTorch's own int8 layout; the int4 kernel its own (`pack`). Weights are prefetched 8 KB ahead: a decode
+step streams every weight once, from memory, and without it the kernels streamed 10 GB/s there.
+
+Measured on a 2-core Xeon (AVX512, and run as AVX2: ATEN_CPU_CAPABILITY=avx2), interleaved in one process, the
+embedded model's decode (prompt 128, 64 new tokens): gptq4 at 146-165 tok/s against 85-91 on PyTorch's kernels as AVX2
+(161-171 against 126-141 as AVX512), gptq8 at 117-128 against 64-65 as AVX2. Alone, at batch 1, a 3072x576 int4 matmul
+takes 29 us against 83 in PyTorch's kernel as AVX2 (48 as AVX512), a 49152x576 int8 head 0.69 ms against 1.15. Their
+error is the activations' rounding: 44 dB of SQNR for N(0, 1) activations (PyTorch's bfloat16 activations: 52.6 dB);
+decoding on them moved the embedded model's perplexity by +0.05-0.18% (gptq4) and +0.4% (gptq8).
 
 It is C++ with intrinsics, registered as the operators `torch.ops.fastllama.int4_matmul` and `int8_matmul` (a
 compiled decode step calls each as one opaque node, at the cost of an ATen call). It is built on first use with the

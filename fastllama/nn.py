@@ -588,13 +588,16 @@ def _int8_mm(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
 
 @swap
 class QuantLinear(nn.Module):
-    """`y = x @ Ŵ.T + b` on PyTorch's weight-only int4/int8 kernels, holding only integers and scales.
+    """`y = x @ Ŵ.T + b` on weight-only int4/int8 kernels, holding only integers and scales: on the CPU fastllama's
+    own (`fastllama.kernels`, int8 activations; `own` is True) where they build and the shape allows (int4 groups of
+    64 or more, rows a multiple of 4), PyTorch's elsewhere. `own` int4 weights hold the kernel's own packing
+    (`kernels.pack`) and scales and zeros [out, groups, 2]; the rest is as below.
 
     4-bit: groups of `group_size` input channels, Ŵ = (q - 8)·scale + zero, q in 0..15: the layout of
     `_weight_int4pack_mm` (CUDA) and `_weight_int4pack_mm_for_cpu`. 2- and 3-bit: the same, q in the 4 or 8
     values around 8 of `int_range` (the same kernel, exactly). 8-bit: one scale per output channel,
     Ŵ = q·scale, q in -128..127 (`_weight_int8pack_mm` on the CPU, `_int8_linear` elsewhere). Scales and zeros
-    are bfloat16, as the kernels take them; activations are cast to bfloat16 around the kernel (its fast path on
+    are bfloat16, as the kernels take them; activations are cast to bfloat16 around PyTorch's kernel (its fast path on
     CPU) and the output back. Shapes the kernels cannot take (pruned to a count not divisible by
     KERNEL_MULTIPLE) are zero-padded inside.
 
@@ -619,7 +622,9 @@ class QuantLinear(nn.Module):
         # with `rotate`: the inputs are turned by this Hadamard matrix per group (see the class docstring)
         self.register_buffer("hadamard", hadamard(group_size, device) if rotate else None, persistent=False)
         self.pad_out = -out_features % KERNEL_MULTIPLE if bits != 8 else 0  # zero rows the kernel computes
-        self.pad_in = -in_features % KERNEL_MULTIPLE if bits == 8 else 0  # zero columns, and zeros padded to x
+        # zero columns, and zeros padded to x: to whole blocks of fastllama's kernels where they run (e.g. an input-
+        # pruned int8 linear), else to what PyTorch's int8 kernel needs
+        self.pad_in = -in_features % (kernels.BLOCK if OWN_KERNELS else KERNEL_MULTIPLE) if bits == 8 else 0
         self.in_granularity = group_size if bits != 8 else 1  # the column block that input pruning keeps whole
         groups = in_features // group_size
         zeros = torch.zeros(out_features, groups, device=device) if bits != 8 else None

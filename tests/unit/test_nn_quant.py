@@ -352,22 +352,24 @@ def test_what_cannot_fuse_is_left_alone(why, parts):
     assert held() == before
 
 
-@settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), groups=st.integers(1, 3), out=st.sampled_from([16, 48, 64, 80, 128, 192]),
-       extra=st.integers(0, 40), bias=st.booleans(), seed=st.integers(0, 1000))
-def test_many_rows_dequantize_the_weight_once(bits, groups, out, extra, bias, seed):
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([32, 64]), groups=st.integers(1, 3),
+       out=st.sampled_from([16, 48, 64, 80, 128, 192]), extra=st.integers(0, 40), bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_many_rows_dequantize_the_weight_once(bits, group, groups, out, extra, bias, seed):
     """From DEQUANT_ROWS rows on, the CPU dequantizes the weight once and runs one GEMM instead of the kernel: the
-    result is x @ Ŵ.T up to the kernel's own rounding (the same bound), for every width, padded rows and a bias. An
-    int4 packing whose rows are not whole blocks (16, 48, 80 rows: the packing's blocks are 64 rows on AVX512, 32 on
-    AVX2, with a last partial block in another form) goes to the kernel."""
-    linear = make_linear(32 * groups, out, bias, seed)
-    q = QuantLinear.from_float(linear, bits, 32)
+    result is x @ Ŵ.T up to the kernel's own rounding (the same bound), for every width, padded rows and a bias. A
+    PyTorch int4 packing whose rows are not whole blocks (16, 48, 80 rows: the packing's blocks are 64 rows on
+    AVX512, 32 on AVX2, with a last partial block in another form) goes to the kernel; fastllama's packing (groups of
+    64, where its kernels run) is row by row and always dequantizes."""
+    linear = make_linear(group * groups, out, bias, seed)
+    q = QuantLinear.from_float(linear, bits, group)
     x = torch.randn(DEQUANT_ROWS + extra, linear.in_features)
     with torch.no_grad():
         y, ref = q(x), nn.functional.linear(x, q.dequantize(), linear.bias)
     assert y.shape == ref.shape and y.dtype == x.dtype
     assert sqnr_db(ref, y) > kernel_sqnr_db(q)
-    assert (q._dequantized_matmul(x) is not None) == (bits == 8 or out % 64 == 0)
+    assert (q._dequantized_matmul(x) is not None) == (bits == 8 or q.own or out % 64 == 0)
 
 
 def test_a_large_weight_is_dequantized_a_slice_at_a_time(monkeypatch):

@@ -161,6 +161,22 @@ def test_speedup_over_plain_generate(benchmark, name):
     check_floor(f"{name} speedup over plain generate", speedup, entry["floor"], entry, _path.name)
 
 
+@pytest.mark.parametrize("name", [n for n in BUDGET.get("speedup", {}) if BUDGET["recipes"].get(n)])
+def test_quantized_matmuls_run_on_the_policy_kernels(name):
+    """Where the hardware policy picks fastllama's CPU kernels (AVX2 and a C++ compiler), every quantized linear of
+    the recipe runs on them (`QuantLinear.own`): fails where they silently stop being used, e.g. a build that no
+    longer compiles falls back to PyTorch's kernels (gptq4 decoded at 85-91 tok/s on them against 146-165, run as
+    AVX2). On a GPU, or where the policy keeps PyTorch's, it checks that none does."""
+    from fastllama.hardware import policy
+    from fastllama.nn import QuantLinear
+
+    quant = [m for m in model(name)[0].modules() if isinstance(m, QuantLinear)]
+    own = DEVICE == "cpu" and policy("cpu").cpu_kernels == "fastllama"
+    assert quant and all(q.own == own for q in quant), \
+        f"{name}: {sum(q.own for q in quant)} of {len(quant)} quantized linears on fastllama's kernels, expected " \
+        f"{'all' if own else 'none'} (policy: {policy(DEVICE).cpu_kernels})"
+
+
 @pytest.mark.parametrize("name", list(BUDGET.get("vs_parent", {})))
 def test_not_slower_than_parent(benchmark, name):
     entry = BUDGET["vs_parent"][name]

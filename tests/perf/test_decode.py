@@ -31,6 +31,7 @@ import functools
 import gc
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,19 +163,21 @@ def test_speedup_over_plain_generate(benchmark, name):
 
 
 @pytest.mark.parametrize("name", [n for n in BUDGET.get("speedup", {}) if BUDGET["recipes"].get(n)])
-def test_quantized_matmuls_run_on_the_policy_kernels(name):
-    """Where the hardware policy picks fastllama's CPU kernels (AVX2 and a C++ compiler), every quantized linear of
-    the recipe runs on them (`QuantLinear.own`): fails where they silently stop being used, e.g. a build that no
-    longer compiles falls back to PyTorch's kernels (gptq4 decoded at 85-91 tok/s on them against 146-165, run as
-    AVX2). On a GPU, or where the policy keeps PyTorch's, it checks that none does."""
-    from fastllama.hardware import policy
+def test_quantized_matmuls_run_on_the_kernels_they_should(name):
+    """On a CPU with AVX2 and a C++ compiler (FASTLLAMA_CPU_KERNELS not "aten"), every quantized linear of the recipe
+    runs on fastllama's kernels (`QuantLinear.own`), and the policy says so: fails where they silently stop being
+    used, e.g. a kernel source that no longer compiles falls back to PyTorch's kernels (gptq4 decoded at 85-91 tok/s
+    on them against 146-165, run as AVX2). Elsewhere (a GPU, no AVX2, no compiler) none does."""
+    from fastllama import kernels
+    from fastllama.hardware import KERNELS_ENV, policy
     from fastllama.nn import QuantLinear
 
     quant = [m for m in model(name)[0].modules() if isinstance(m, QuantLinear)]
-    own = DEVICE == "cpu" and policy("cpu").cpu_kernels == "fastllama"
-    assert quant and all(q.own == own for q in quant), \
+    should = (DEVICE == "cpu" and kernels.supported() and os.environ.get(KERNELS_ENV) != "aten"
+              and shutil.which(os.environ.get("CXX", "g++")) is not None)
+    assert quant and all(q.own == should for q in quant) and (policy(DEVICE).cpu_kernels == "fastllama") == should, \
         f"{name}: {sum(q.own for q in quant)} of {len(quant)} quantized linears on fastllama's kernels, expected " \
-        f"{'all' if own else 'none'} (policy: {policy(DEVICE).cpu_kernels})"
+        f"{'all' if should else 'none'} (policy: {policy(DEVICE).cpu_kernels}; see the log for a failed build)"
 
 
 @pytest.mark.parametrize("name", list(BUDGET.get("vs_parent", {})))

@@ -538,11 +538,11 @@ def _int4_weight(packed: Tensor, scales: Tensor, zeros: Tensor, group: int) -> T
     """Ŵ [rows, in] of a `kernels.pack` packing, in the dtype of `scales` and `zeros` [rows, groups of `group`]: one
     pass (the counterpart of `_int4_weight_t` for fastllama's kernel)."""
     rows = packed.shape[0]
-    b = packed.view(rows, -1, 1, kernels.BLOCK // 2)  # [rows, blocks, 1, 32]: values j (low) and j + 32 (high)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # one broadcast shift, as in `_int4_weight_t`
+        b = packed.view(rows, -1, 1, kernels.BLOCK // 2)  # [rows, blocks, 1, 32]: values j (low) and j + 32 (high)
         b = (b >> torch.arange(0, 8, 4, dtype=b.dtype, device=b.device)[:, None]) & 15
     else:
-        b = torch.cat([b & 15, b >> 4], 2)
+        b = kernels.unpack(packed)
     q = b.reshape(rows, -1, group).to(scales.dtype) - 8  # [rows, groups, group]
     return (q * scales[..., None] + zeros[..., None]).view(rows, -1)
 
@@ -758,13 +758,11 @@ class QuantLinear(nn.Module):
         packed = self.packed[first:first + rows]
         if self.bits == 8:
             return packed[:, :self.in_features].to(DEQUANT_DTYPE).T * self.scales[first:first + rows].to(DEQUANT_DTYPE)
-        if self.own:  # 2 to 4 bits here: 8-bit returned above
-            sz = self.scales_and_zeros[first:first + rows]
-            scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
+        sz = self.scales_and_zeros[first:first + rows] if self.own else self.scales_and_zeros[:, first:first + rows]
+        scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
+        if self.own:  # 2 to 4 bits here (8-bit returned above): Ŵ [rows, in], transposed
             return _int4_dequantizer((*packed.shape, *scales.shape, DEQUANT_DTYPE), True)(
                 packed, scales, zeros, self.group_size).T
-        sz = self.scales_and_zeros[:, first:first + rows]
-        scales, zeros = (sz[..., i].to(DEQUANT_DTYPE).contiguous() for i in (0, 1))
         return _int4_dequantizer((*packed.shape, *scales.shape, block, DEQUANT_DTYPE))(packed, scales, zeros, block)
 
     def select(self, dim: int, index: Tensor) -> QuantLinear:
@@ -864,9 +862,7 @@ def fuse(parts: list[nn.Module]) -> QuantLinear | None:
     if len(parts) < 2 or any(
             type(p) is not QuantLinear or p.in_features != first.in_features or p.bits != first.bits
             or p.group_size != first.group_size or p.rotate != first.rotate or p.pad_out or p.bias is not None
-            or p.packed.device.type != "cpu" for p in parts):
-        return None
-    if any(p.own != first.own for p in parts):
+            or p.packed.device.type != "cpu" or p.own != first.own for p in parts):
         return None
     if first.bits != 8 and not first.own and not _int4_rows_concatenate([p.out_features for p in parts]):
         return None  # a packing that interleaves rows across the parts' boundaries

@@ -43,10 +43,10 @@ static inline float hsum(__m256 v) {
 struct Activations {
     int64_t M, K;
     at::Tensor q, scales;
-    const int8_t *row(int64_t m) const { return q.data_ptr<int8_t>() + m * K; }
-    const float *d(int64_t m) const { return scales.data_ptr<float>() + m * (K / 64); }
-    const float *xs(int64_t m) const { return d(m) + M * (K / 64); }
-    const float *d8(int64_t m) const { return d(m) + 2 * M * (K / 64); }
+    int8_t *row(int64_t m) const { return q.data_ptr<int8_t>() + m * K; }
+    float *d(int64_t m) const { return scales.data_ptr<float>() + m * (K / 64); }
+    float *xs(int64_t m) const { return d(m) + M * (K / 64); }
+    float *d8(int64_t m) const { return d(m) + 2 * M * (K / 64); }
 };
 
 static Activations quantize(const at::Tensor &x_) {
@@ -57,8 +57,8 @@ static Activations quantize(const at::Tensor &x_) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
     for (int64_t m = 0; m < M; m++) {
-        float *d = const_cast<float *>(a.d(m)), *xs = const_cast<float *>(a.xs(m)), *d8 = const_cast<float *>(a.d8(m));
-        int8_t *q = const_cast<int8_t *>(a.row(m));
+        float *d = a.d(m), *xs = a.xs(m), *d8 = a.d8(m);
+        int8_t *q = a.row(m);
         for (int64_t b = 0; b < blocks; b++) {
             const float *p = x.data_ptr<float>() + m * K + 64 * b;
             __m256 top = _mm256_setzero_ps(), sum = _mm256_setzero_ps();

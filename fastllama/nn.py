@@ -160,9 +160,12 @@ ONEDNN = torch.backends.mkldnn.is_available() and CPU_POLICY.fp32_linear == "one
 def linear(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)`, where a float32 `nn.Linear` on the CPU (outside autograd) runs on oneDNN instead of the MKL
     sgemm behind F.linear when ONEDNN is set (see `hardware.policy`): at batch 1 it streams the weight 1.6x faster
-    on the 2-core AMD EPYC we measured (25 vs 16 GB/s), on the same weight tensor, equal up to rounding."""
+    on the 2-core AMD EPYC we measured (25 vs 16 GB/s), on the same weight tensor, equal up to rounding.
+    Not inside a compiled graph: inductor lowers oneDNN's linear only for weights frozen into the graph as
+    constants, and failed on a decode step's (an AssertionError in `mkldnn_lowerings.linear_unary`)."""
     if (type(module) is nn.Linear and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and module.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
+            and module.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [None], "")
     return module(x)
 

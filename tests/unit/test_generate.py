@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastllama.generate
+import fastllama.nn
 from fastllama.drop import drop_layers
 from fastllama.generate import Decoder, generate
 from fastllama.hardware import policy
@@ -329,6 +330,16 @@ def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch
             _, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
         codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", code[-1]))
     assert codes[0] == codes[1]
+
+
+def test_the_compiled_cpu_step_runs_float_linears_where_onednn_is_picked(tiny_model, monkeypatch):
+    """The policy runs float32 linears on oneDNN on AMD CPUs (`fastllama.nn.ONEDNN`). Inductor lowers oneDNN's
+    linear only for weights frozen into the graph, and compiling a step on it failed (a LoweringException, the
+    float32 base as an AVX2 EPYC decodes it): inside a compiled graph they are F.linear, and the step decodes as
+    the eager one, which stays on oneDNN."""
+    monkeypatch.setattr(fastllama.nn, "ONEDNN", True)
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(_sharp(tiny_model), ids, 4, compile=True), generate(tiny_model, ids, 4, compile=False))
 
 
 def test_each_compiled_decoder_compiles_its_own_step(sharp):

@@ -9,8 +9,9 @@ The same forward serves prefill (T prompt tokens at positions 0..T-1) and decode
 keys are written into the cache at their positions and attention reads the whole cache under a causal
 mask, so every decode step has the same shapes. That is what torch.compile needs: the decode step is compiled
 wherever `fastllama.hardware.policy` says (a GPU, with CUDA graphs; a CPU with a C++ compiler, where inductor fuses
-the norms, rotary and residual ops between the matmul kernels and its code is cached on disk across processes);
-prefill runs eager (its length varies). Greedy output is token-identical to Hugging Face `generate` in float32 with
+the norms, rotary and residual ops between the matmul kernels and its code is cached on disk across processes; there
+one layer is compiled and reused for every layer of the same shapes, `Policy.compile_layers`); prefill runs eager
+(its length varies). Greedy output is token-identical to Hugging Face `generate` in float32 with
 EOS disabled (logits equal up to rounding; the compiled step agrees up to rounding, and was token-identical on the
 embedded model): the fast path always generates `max_new_tokens` and never stops at EOS. On the CPU, float32
 linears run on oneDNN or MKL as the policy picks (`fastllama.nn.linear`), attention in float32 (see
@@ -33,7 +34,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .hardware import own_code, policy, simd_bits
-from .nn import add_linear, fuse, linear
+from .nn import QuantLinear, add_linear, fuse, linear
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ _MODULE_GUARDS_OFF = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_mo
 _INPUT_ASSERTS_OFF = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 # On the CPU inductor tries to fuse two nodes reading one buffer only when they are at most 8 nodes apart, not 64:
 # the nodes reading the rotary tables and the positions, in every layer, made pairs that never fuse. The same code
-# comes out (the embedded model's gptq4 step, run as AVX2), its cold compile 24.3-25.2 s instead of 28.8-29.2.
+# comes out (the embedded model's gptq4 step, run as AVX2, every layer unrolled), its cold compile 24.3-25.2 s
+# instead of 28.8-29.2. With one layer compiled and reused (`Policy.compile_layers`) it changes nothing measurable
+# (6.4-6.8 s either way): it serves the steps that stay unrolled (see `_reusable_layers`).
 _FUSION_TRIES = ({"max_fusion_buffer_group_pairwise_attempts": 8}
                  if hasattr(inductor_config, "max_fusion_buffer_group_pairwise_attempts") else {})
 
@@ -103,7 +106,12 @@ class Decoder:
         self.compiled = policy(self.device).compile_step if compile is None else compile
         # the class's function, not the bound method: a decoder holding its own method (or a compiled wrapper of
         # it) is a reference cycle that keeps it, its cache and the model alive until the next gc.collect()
-        self._step = Decoder.forward
+        self._step, self._layer = Decoder.forward, Decoder._layer_step
+        if self.compiled and policy(self.device).compile_layers and _reusable_layers(model):
+            # one layer compiled, then reused for every layer of the same shapes (a copy of its own, as the step's:
+            # its reuse limit is this model's layer count, enough where every layer has shapes of its own)
+            self._layer = torch.compiler.nested_compile_region(own_code(Decoder._layer_step),
+                                                               max_reuse_entries=len(inner.layers))
         if self.compiled:
             for t in (self.cos, self.sin, self.causal, self.pos, *(t for kv in self.cache for t in kv)):
                 torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs update the cache in place
@@ -127,15 +135,22 @@ class Decoder:
         inner = self.model.model
         x = inner.embed_tokens(ids)
         cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos]
-        for layer, (k_cache, v_cache), (qkv, gate_up) in zip(inner.layers, self.cache, self.fused):
-            attn = layer.self_attn
-            y = self._attention(attn, qkv, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache,
-                                v_cache, self.fold_gqa)
-            x = add_linear(x, attn.o_proj, y)
-            mlp, h = layer.mlp, _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = _project(h, (mlp.gate_proj, mlp.up_proj), gate_up)
-            x = add_linear(x, mlp.down_proj, mlp.act_fn(gate) * up)
+        for layer, kv, fused in zip(inner.layers, self.cache, self.fused):
+            x = self._layer(layer, kv, fused, x, cos, sin, mask, pos, self.fold_gqa)
         return linear(self.model.lm_head, _rms_norm(inner.norm, x[:, -1]))
+
+    @staticmethod
+    def _layer_step(layer: nn.Module, kv: tuple[torch.Tensor, torch.Tensor], fused: tuple[nn.Module | None, ...],
+                    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                    fold_gqa: bool) -> torch.Tensor:
+        """One decoder layer: attention, filling the layer's cache `kv` at `pos`, then the MLP, each with its
+        residual; `fused` holds its fused q/k/v and gate/up (or None)."""
+        (k_cache, v_cache), (qkv, gate_up), attn, mlp = kv, fused, layer.self_attn, layer.mlp
+        y = Decoder._attention(attn, qkv, _rms_norm(layer.input_layernorm, x), cos, sin, mask, pos, k_cache, v_cache,
+                               fold_gqa)
+        x = add_linear(x, attn.o_proj, y)
+        gate, up = _project(_rms_norm(layer.post_attention_layernorm, x), (mlp.gate_proj, mlp.up_proj), gate_up)
+        return add_linear(x, mlp.down_proj, mlp.act_fn(gate) * up)
 
     @staticmethod
     def _attention(attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -166,6 +181,13 @@ class Decoder:
         """The next token (B, 1) after `token` (B, 1) at position `pos`."""
         self.pos.fill_(pos)
         return self._step(self, token, self.pos).argmax(-1, keepdim=True).clone()
+
+
+def _reusable_layers(model: nn.Module) -> bool:
+    """Whether the decode step may compile a layer once and reuse it (`Policy.compile_layers`): not where a CPU int4
+    matmul runs on PyTorch's kernel, whose inductor lowering holds the group size as a tensor constant that inductor
+    leaves unbound inside a reused layer (torch 2.13: "group size must be a scalar")."""
+    return not any(isinstance(m, QuantLinear) and m.bits != 8 and not m.own for m in model.modules())
 
 
 def _project(x: torch.Tensor, parts: tuple[nn.Module, ...], fused: nn.Module | None) -> tuple[torch.Tensor, ...]:

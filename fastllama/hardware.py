@@ -88,6 +88,7 @@ class Policy:
     fp32_linear: str        # float32 linears at batch 1 on the CPU: "onednn" or "mkl" (F.linear's sgemm)
     attn_dtype: str         # attention and the KV cache of the fast path ("model": the model's own dtype)
     compile_step: bool      # torch.compile the fast path's decode step (inductor; CUDA graphs on a GPU)
+    compile_layers: bool    # compile one decoder layer, reused for every layer of its shapes (nested_compile_region)
     dequant_rows: int | None  # int4/int8 matmuls of this many rows or more dequantize once, then one float GEMM
     why: str                # the measurements behind it, in one line
 
@@ -101,17 +102,18 @@ def bf16_compute(m: Machine) -> bool:
 def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Policy:
     """The policy for `device` on this machine (or on `m`, to decide for another machine, e.g. in tests)."""
     if (m.device != "cpu") if m else torch.device(device).type != "cpu":  # nothing about the GPU is read
-        return Policy("bfloat16", None, "bfloat16", "aten", "mkl", "model", True, None,
+        return Policy("bfloat16", None, "bfloat16", "aten", "mkl", "model", True, False, None,
                       "GPU: bf16 tensor cores; the head stays bf16 as in the reference study; "
                       "int8 and int4 weights dequantize inside their matmul; the decode step compiled with CUDA "
-                      "graphs")
+                      "graphs, every layer unrolled (a layer compiled once and reused is not measured on a GPU)")
     m = m or machine(device)
     native, amd, cxx = bf16_compute(m), "AMD" in m.name, shutil.which(os.environ.get("CXX", "g++")) is not None
     own = os.environ.get(KERNELS_ENV, "fastllama") != "aten" and cxx and kernels.supported(m.cpu_capability)
     own = own and kernels.available()  # built here, once (cached on disk): the policy says what really runs
     return Policy(
         "bfloat16" if native else "float32", 8, "bfloat16", "fastllama" if own else "aten",
-        "onednn" if amd else "mkl", "float32", cxx, DEQUANT_ROWS,
+        "onednn" if amd else "mkl", "float32", cxx, cxx and hasattr(torch.compiler, "nested_compile_region"),
+        DEQUANT_ROWS,
         ("CPU with native bf16: float parts in bf16 (half the bytes)" if native else
          "CPU without native bf16 (emulated: a bf16 49152x576 head took 34 ms/token against 4.7 ms in float32 on an "
          "AVX2 EPYC): float parts in float32")
@@ -126,7 +128,9 @@ def policy(device: str | torch.device = "cpu", m: Machine | None = None) -> Poli
         "float32 linears on oneDNN on AMD CPUs (MKL's sgemm streamed 16 GB/s where oneDNN streamed 25 on an EPYC), "
         "on MKL elsewhere (a Xeon with AMX decoded float32 in 29.8 ms/token through MKL, 42.3 through oneDNN); "
         + ("the decode step compiled by inductor (it fuses the norms, rotary and residual ops between the kernels: "
-           "9.8 against 14.4 ms/token for gptq4 on a 2-core Xeon), cached on disk across processes" if cxx else
+           "9.8 against 14.4 ms/token for gptq4 on a 2-core Xeon), cached on disk across processes; one layer compiled "
+           "and reused for every layer of its shapes (gptq4's cold compile 6 s against 20 s unrolled, the same step "
+           "time, on a 2-core Xeon run as AVX2)" if cxx else
            "the decode step eager: inductor needs a C++ compiler and none was found (install g++, or set CXX)")
         + f"; int4/int8 matmuls of {DEQUANT_ROWS} rows or more (prefill, evaluation, calibration) dequantize the "
         "weight once and run one GEMM in the float dtype (the kernels redo their dequantization for every 4 rows: "

@@ -309,27 +309,65 @@ def test_the_compiled_cpu_step_asserts_nothing_of_its_inputs(tiny_model):
     assert torch.equal(tokens, generate(model, ids, 3, compile=False))
 
 
-def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch):
-    """The CPU step has inductor try fusing nodes that read one buffer only 8 nodes apart (generate._FUSION_TRIES,
-    4-5 s of a 29 s compile): a 12-layer model's step, whose layers all read the rotary tables, compiles to the
-    very code of inductor's default 64 (only the graph's id and the constants' addresses differ)."""
-    from torch._inductor.utils import run_and_get_code
+def _deep(recipe: str | None = None):
+    """A random 12-layer model (random:tiny has 2), compressed by `recipe` where one is given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    assert fastllama.generate._FUSION_TRIES or not hasattr(torch._inductor.config,
-                                                           "max_fusion_buffer_group_pairwise_attempts")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = compress(LlamaForCausalLM(config).eval(), "rtn:bits=4,group=32")
+    model = LlamaForCausalLM(config).eval()
+    return compress(model, recipe) if recipe else model
+
+
+def _compiled_step(model) -> tuple[torch.Tensor, str]:
+    """The tokens of a short greedy run on a freshly compiled step, and the step's code (generated, not cached)."""
+    from torch._inductor.utils import run_and_get_code
+
     ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        tokens, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
+    assert torch.equal(tokens, generate(model, ids, 3, compile=False))
+    return tokens, code[-1]
+
+
+def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch):
+    """The CPU step has inductor try fusing nodes that read one buffer only 8 nodes apart (generate._FUSION_TRIES,
+    4-5 s of a 29 s compile, every layer unrolled): a 12-layer model's unrolled step (int4 on PyTorch's kernel, see
+    `_reusable_layers`), whose layers all read the rotary tables, compiles to the very code of inductor's default
+    64 (only the graph's id and the constants' addresses differ)."""
+    assert fastllama.generate._FUSION_TRIES or not hasattr(torch._inductor.config,
+                                                           "max_fusion_buffer_group_pairwise_attempts")
+    model = _deep("rtn:bits=4,group=32")
     codes = []
     for tries in (fastllama.generate._FUSION_TRIES, {}):
         monkeypatch.setattr(fastllama.generate, "_FUSION_TRIES", tries)
-        with torch._inductor.config.patch(fx_graph_cache=False):
-            _, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
-        codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", code[-1]))
+        codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", _compiled_step(model)[1]))
     assert codes[0] == codes[1]
+
+
+def _narrow_first_mlp(model):
+    """`model` with its first layer's MLP cut to half its channels: a layer of shapes of its own."""
+    mlp, keep = model.model.layers[0].mlp, torch.arange(model.config.intermediate_size // 2)
+    mlp.gate_proj, mlp.up_proj = select(mlp.gate_proj, 0, keep), select(mlp.up_proj, 0, keep)
+    mlp.down_proj = select(mlp.down_proj, 1, keep)
+    return model
+
+
+@pytest.mark.skipif(not policy("cpu").compile_layers, reason="the policy compiles no layer apart here (no g++)")
+@pytest.mark.parametrize("build, reused", [(lambda: _deep(), 12), (lambda: _deep("rtn:bits=8"), 12),
+                                           (lambda: _narrow_first_mlp(_deep("rtn:bits=8")), 11),
+                                           (lambda: _deep("rtn:bits=4,group=32"), 0)])
+def test_the_cpu_step_compiles_a_layer_once_for_every_layer_of_its_shapes(build, reused):
+    """`Policy.compile_layers`: a 12-layer step's code holds one compiled layer, called for each of the 12 (the
+    unrolled step compiled 12; gptq4's cold compile took 6-7 s against 20 on the embedded model). A layer of shapes
+    of its own is compiled apart (inlined, as a layer called once is), the other 11 still share one. int4 on
+    PyTorch's CPU kernel (groups of 32) stays unrolled: inductor leaves its group-size constant unbound inside a
+    reused layer. Every form decodes as the eager step does."""
+    code = _compiled_step(build())[1]
+    names = re.findall(r"def (\w*subgraph_\d+)\(", code)
+    assert len(names) == (1 if reused else 0)
+    assert sum(len(re.findall(rf"= {name}\(", code)) for name in names) == reused
 
 
 def test_the_compiled_cpu_step_runs_float_linears_where_onednn_is_picked(tiny_model, monkeypatch):

@@ -69,6 +69,9 @@ def test_avx2_dispatch_emulates_bf16_whatever_the_flags():
     # many-row int4/int8 matmuls dequantize once on every CPU, never on a GPU (its kernels do it well)
     assert policy("cpu", m).dequant_rows == DEQUANT_ROWS
     assert policy("cuda", replace(m, device="cuda:0")).dequant_rows is None
+    # a decoder layer compiled once and reused on a CPU that compiles; every layer unrolled on a GPU (not measured)
+    assert policy("cpu", m).compile_layers == policy("cpu", m).compile_step
+    assert not policy("cuda", replace(m, device="cuda:0")).compile_layers
 
 
 def test_steps_with_keys_and_presets_combined():

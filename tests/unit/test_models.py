@@ -83,6 +83,31 @@ def test_truncated_gguf_is_explained(tmp_path):
         load_model(str(cut))
 
 
+def test_a_gguf_is_read_once_per_load_and_loads_as_without(monkeypatch):
+    """transformers reads a GGUF file three times in one load and builds gguf's tensor-name map once per module
+    (`models._gguf_read_once`: 10 of the 14 s of the embedded model's load). Inside a load each is done once, the
+    model, config and tokenizer are the same as without, and gguf's own names are back afterwards."""
+    import contextlib
+
+    import gguf
+
+    import fastllama.models
+
+    reads, maps = [], []
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: reads.append(a) or reader(*a, **k))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a: maps.append(a) or name_map(*a))
+    counting = gguf.GGUFReader, gguf.get_tensor_name_map
+    once, tok = load_model(str(embedded_gguf()))
+    assert (len(reads), len(maps)) == (1, 1) and (gguf.GGUFReader, gguf.get_tensor_name_map) == counting
+    monkeypatch.setattr(fastllama.models, "_gguf_read_once", contextlib.nullcontext)
+    plain, plain_tok = load_model(str(embedded_gguf()))
+    assert len(reads) == 4 and len(maps) > 100  # three reads and a map per module without
+    assert once.config.to_dict() == plain.config.to_dict() and tok.get_vocab() == plain_tok.get_vocab()
+    expected = plain.state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in once.state_dict().items())
+
+
 def test_corrupt_safetensors_is_explained(tmp_path):
     model, _ = load_model("random:tiny")
     model.save_pretrained(tmp_path)

@@ -103,11 +103,12 @@ class Decoder:
         # on CUDA the q heads of each KV group are folded into that group's query rows (see `_attention`), so SDPA
         # runs the fused memory-efficient kernel; the CPU's flash kernel takes grouped heads as they are
         self.fold_gqa = self.device.type == "cuda"
-        self.compiled = policy(self.device).compile_step if compile is None else compile
+        device_policy = policy(self.device)
+        self.compiled = device_policy.compile_step if compile is None else compile
         # the class's function, not the bound method: a decoder holding its own method (or a compiled wrapper of
         # it) is a reference cycle that keeps it, its cache and the model alive until the next gc.collect()
         self._step, self._layer = Decoder.forward, Decoder._layer_step
-        if self.compiled and policy(self.device).compile_layers and _reusable_layers(model):
+        if self.compiled and device_policy.compile_layers and _reusable_layers(model):
             # one layer compiled, then reused for every layer of the same shapes (a copy of its own, as the step's:
             # its reuse limit is this model's layer count, enough where every layer has shapes of its own)
             self._layer = torch.compiler.nested_compile_region(own_code(Decoder._layer_step),

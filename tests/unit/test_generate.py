@@ -294,19 +294,24 @@ def test_a_step_compiled_under_another_cpu_capability_is_not_reused(tmp_path):
         assert done.returncode == 0, f"{capability}: {done.stderr[-2000:]}"
 
 
+def _compiled_step(model) -> tuple[torch.Tensor, list[str]]:
+    """The tokens of a short greedy run on a freshly compiled step (checked against the eager step), and the code
+    inductor generated for it (not read from its cache), the step's last."""
+    from torch._inductor.utils import run_and_get_code
+
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        tokens, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
+    assert torch.equal(tokens, generate(model, ids, 3, compile=False))
+    return tokens, code
+
+
 def test_the_compiled_cpu_step_asserts_nothing_of_its_inputs(tiny_model):
     """Inductor's wrapper would re-check the size, stride and alignment of every graph input (each weight, scale and
     cache) on every call, 0.35-0.38 ms of a gptq4 step (generate._INPUT_ASSERTS_OFF): the CPU step's code has none
     of those checks, and still decodes as the eager step does."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = compress(copy.deepcopy(tiny_model), "rtn:bits=4,group=32")
-    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
-    decoder = Decoder(model, 8, compile=True)
-    with torch._inductor.config.patch(fx_graph_cache=False):  # generate the code here, not read it from the cache
-        tokens, code = run_and_get_code(generate, model, ids, 3, decoder=decoder)
+    code = _compiled_step(compress(copy.deepcopy(tiny_model), "rtn:bits=4,group=32"))[1]
     assert code and not any("assert_size_stride(" in c or "assert_alignment(" in c for c in code)
-    assert torch.equal(tokens, generate(model, ids, 3, compile=False))
 
 
 def _deep(recipe: str | None = None):
@@ -320,17 +325,6 @@ def _deep(recipe: str | None = None):
     return compress(model, recipe) if recipe else model
 
 
-def _compiled_step(model) -> tuple[torch.Tensor, str]:
-    """The tokens of a short greedy run on a freshly compiled step, and the step's code (generated, not cached)."""
-    from torch._inductor.utils import run_and_get_code
-
-    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        tokens, code = run_and_get_code(generate, model, ids, 3, decoder=Decoder(model, 8, compile=True))
-    assert torch.equal(tokens, generate(model, ids, 3, compile=False))
-    return tokens, code[-1]
-
-
 def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch):
     """The CPU step has inductor try fusing nodes that read one buffer only 8 nodes apart (generate._FUSION_TRIES,
     4-5 s of a 29 s compile, every layer unrolled): a 12-layer model's unrolled step (int4 on PyTorch's kernel, see
@@ -342,7 +336,7 @@ def test_the_compiled_cpu_step_tries_fewer_fusions_for_the_same_code(monkeypatch
     codes = []
     for tries in (fastllama.generate._FUSION_TRIES, {}):
         monkeypatch.setattr(fastllama.generate, "_FUSION_TRIES", tries)
-        codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", _compiled_step(model)[1]))
+        codes.append(re.sub(r"# AOT ID: .*|[0-9a-f]{12,}", "", _compiled_step(model)[1][-1]))
     assert codes[0] == codes[1]
 
 
@@ -364,7 +358,7 @@ def test_the_cpu_step_compiles_a_layer_once_for_every_layer_of_its_shapes(build,
     of its own is compiled apart (inlined, as a layer called once is), the other 11 still share one. int4 on
     PyTorch's CPU kernel (groups of 32) stays unrolled: inductor leaves its group-size constant unbound inside a
     reused layer. Every form decodes as the eager step does."""
-    code = _compiled_step(build())[1]
+    code = _compiled_step(build())[1][-1]
     names = re.findall(r"def (\w*subgraph_\d+)\(", code)
     assert len(names) == (1 if reused else 0)
     assert sum(len(re.findall(rf"= {name}\(", code)) for name in names) == reused
